@@ -1,0 +1,261 @@
+"""Tokenisation and length-bucketed batching: the contract scoring and gradients rely on.
+
+Conventions
+-----------
+- A sequence is a 1-D int32 array of token ids, BOS first when the model has one.
+- Batches are right-padded with id 0 to a bucket length T (a power of two), so a run
+  compiles only a handful of shapes; padding rows are marked invalid and have all-zero
+  masks.
+- ``target_mask[b, t] == 1`` iff token t of row b is scored, i.e. its log-probability is
+  read from the logits at position t-1. Column 0 is never scored: nothing predicts it.
+  A sentence's log-prob is ``sum_t target_mask[b, t] * log p(ids[b, t] | ids[b, :t])``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from lmgrad.tasks.pairs import Pair, TaskDataError
+
+__all__ = [
+    "PAD_ID", "Batch", "bos_id", "encode", "encode_pairs", "bucket_length",
+    "first_difference", "make_batch", "iter_bucketed", "iter_pair_batches",
+]
+
+PAD_ID = 0
+
+
+def bos_id(tokenizer: Any, bos: str = "auto") -> int | None:
+    """The id prepended to every sentence, or None.
+
+    BLiMP compares full-sentence log-probabilities, so the first word must be scored too;
+    it can only be scored if it is conditioned on something. Hence ``"auto"`` uses the
+    tokenizer's BOS token and falls back to EOS (GPT-2 style models use
+    ``<|endoftext|>`` as the document separator). ``"none"`` prepends nothing (the first
+    token then goes unscored); any other string is looked up as a token.
+
+    Raises:
+      TaskDataError: "auto" with neither BOS nor EOS, or an unknown token string.
+    """
+    if bos == "none":
+        return None
+    if bos == "auto":
+        for attr in ("bos_token_id", "eos_token_id"):
+            tid = getattr(tokenizer, attr, None)
+            if tid is not None:
+                return int(tid)
+        raise TaskDataError(
+            "bos='auto': tokenizer has neither bos_token_id nor eos_token_id; "
+            "pass bos='none' or a token string"
+        )
+    vocab = tokenizer.get_vocab()
+    if bos not in vocab:
+        raise TaskDataError(f"bos={bos!r}: token not in the tokenizer vocabulary")
+    return int(vocab[bos])
+
+
+def encode(
+    tokenizer: Any, texts: Sequence[str], *, bos: str = "auto", max_length: int | None = None
+) -> list[np.ndarray]:
+    """Tokenise `texts` without special tokens, prepending `bos_id(tokenizer, bos)`.
+
+    Returns:
+      One int32 array per text; lengths include the BOS token.
+
+    Raises:
+      TaskDataError: a text that tokenises to nothing, or whose length (with BOS)
+        exceeds `max_length`; the message names the sentence, its token count and limit.
+    """
+    texts = list(texts)
+    if not texts:
+        return []
+    prefix = [] if (b := bos_id(tokenizer, bos)) is None else [b]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = []
+    for text, row in zip(texts, ids):
+        if not row:
+            raise TaskDataError(f"sentence {_short(text)!r} tokenises to no tokens")
+        seq = np.asarray(prefix + list(row), dtype=np.int32)
+        if max_length is not None and len(seq) > max_length:
+            raise TaskDataError(
+                f"sentence {_short(text)!r} has {len(seq)} tokens (BOS included), "
+                f"more than max_length={max_length}"
+            )
+        out.append(seq)
+    return out
+
+
+def encode_pairs(
+    tokenizer: Any,
+    pairs: Sequence[Pair],
+    *,
+    bos: str = "auto",
+    max_length: int | None = None,
+    from_first_difference: bool = False,
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+    """Encode both sentences of every pair.
+
+    Returns:
+      ``(good, bad, score_from_good, score_from_bad)``: id arrays and int64 [N] first
+      scored positions. By default every token after position 0 is scored (1). With
+      `from_first_difference`, both sentences of a pair are scored from their first
+      differing token (at least 1), so a shared prefix adds nothing to either log-prob.
+      A pair whose sentences tokenise identically (BLiMP has 7) then scores nothing.
+    """
+    good = encode(tokenizer, [p.sentence_good for p in pairs], bos=bos, max_length=max_length)
+    bad = encode(tokenizer, [p.sentence_bad for p in pairs], bos=bos, max_length=max_length)
+    if from_first_difference:
+        start = np.array([max(first_difference(g, b), 1) for g, b in zip(good, bad)], dtype=np.int64)
+    else:
+        start = np.ones(len(pairs), dtype=np.int64)
+    return good, bad, start, start.copy()
+
+
+def bucket_length(n: int, *, min_len: int = 8, max_len: int | None = None) -> int:
+    """Smallest power of two >= max(n, min_len), clipped to `max_len`."""
+    if n < 1:
+        raise ValueError(f"sequence length must be >= 1, got {n}")
+    if max_len is not None and n > max_len:
+        raise ValueError(f"sequence length {n} exceeds max_len={max_len}")
+    t = 1 << (max(n, min_len) - 1).bit_length()
+    return t if max_len is None else min(t, max_len)
+
+
+def first_difference(a: np.ndarray, b: np.ndarray) -> int:
+    """Index of the first position where `a` and `b` differ (len of the shorter if one
+    is a prefix of the other, so identical sequences give their length)."""
+    m = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:m]) != np.asarray(b[:m]))
+    return int(diff[0]) if diff.size else m
+
+
+@dataclasses.dataclass
+class Batch:
+    """A fixed-shape batch; see the module docstring for the mask convention.
+
+    Attributes:
+      input_ids: int32 [B, T], right-padded with `PAD_ID`.
+      attention_mask: int32 [B, T], 1 on real tokens.
+      target_mask: float32 [B, T], 1 where a token is scored; column 0 always 0.
+      index: int64 [B], row -> item index in the caller's list; -1 for padding rows.
+      valid: bool [B], False for padding rows.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    target_mask: np.ndarray
+    index: np.ndarray
+    valid: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.input_ids.shape
+
+
+def make_batch(
+    seqs: Sequence[np.ndarray],
+    *,
+    length: int,
+    batch_size: int,
+    score_from: Sequence[int] | None = None,
+    index: Sequence[int] | None = None,
+) -> Batch:
+    """Pad `seqs` (at most `batch_size`) into a [batch_size, length] Batch.
+
+    Args:
+      seqs: id arrays, each at most `length` long.
+      score_from: first scored position per sequence. Default 1: every token after
+        position 0, which is BOS when there is one; without BOS the first word cannot be
+        scored either, since no logits predict position 0. Values below 1 act as 1.
+      index: caller's item index per sequence (default 0..len(seqs)-1).
+    """
+    n = len(seqs)
+    if n > batch_size:
+        raise ValueError(f"{n} sequences do not fit batch_size={batch_size}")
+    if score_from is not None and len(score_from) != n:
+        raise ValueError(f"score_from has {len(score_from)} entries for {n} sequences")
+    if index is not None and len(index) != n:
+        raise ValueError(f"index has {len(index)} entries for {n} sequences")
+    ids = np.full((batch_size, length), PAD_ID, dtype=np.int32)
+    attn = np.zeros((batch_size, length), dtype=np.int32)
+    tgt = np.zeros((batch_size, length), dtype=np.float32)
+    idx = np.full(batch_size, -1, dtype=np.int64)
+    idx[:n] = np.arange(n) if index is None else np.asarray(index, dtype=np.int64)
+    valid = np.zeros(batch_size, dtype=bool)
+    valid[:n] = True
+    for r, seq in enumerate(seqs):
+        L = len(seq)
+        if L > length:
+            raise ValueError(f"sequence {int(idx[r])} has length {L} > batch length {length}")
+        ids[r, :L] = seq
+        attn[r, :L] = 1
+        start = 1 if score_from is None else max(int(score_from[r]), 1)
+        tgt[r, start:L] = 1.0
+    return Batch(input_ids=ids, attention_mask=attn, target_mask=tgt, index=idx, valid=valid)
+
+
+def _buckets(lengths: Sequence[int], *, min_len: int, max_len: int | None) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = collections.defaultdict(list)
+    for i, L in enumerate(lengths):
+        if max_len is not None and L > max_len:
+            raise TaskDataError(f"item {i} has {L} tokens, more than max_len={max_len}")
+        groups[bucket_length(L, min_len=min_len, max_len=max_len)].append(i)
+    return dict(sorted(groups.items()))
+
+
+def iter_bucketed(
+    seqs: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    score_from: Sequence[int] | None = None,
+    max_len: int | None = None,
+    min_len: int = 8,
+) -> Iterator[Batch]:
+    """Fixed-size batches grouped by `bucket_length`, shortest bucket first.
+
+    Every item appears in exactly one valid row (`Batch.index` maps back); the last
+    batch of each bucket is filled with invalid rows. Order is deterministic: buckets
+    ascending, items in input order within a bucket.
+    """
+    for length, items in _buckets([len(s) for s in seqs], min_len=min_len, max_len=max_len).items():
+        for lo in range(0, len(items), batch_size):
+            chunk = items[lo: lo + batch_size]
+            yield make_batch(
+                [seqs[i] for i in chunk], length=length, batch_size=batch_size, index=chunk,
+                score_from=None if score_from is None else [score_from[i] for i in chunk],
+            )
+
+
+def iter_pair_batches(
+    good: Sequence[np.ndarray],
+    bad: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    score_from_good: Sequence[int] | None = None,
+    score_from_bad: Sequence[int] | None = None,
+    max_len: int | None = None,
+    min_len: int = 8,
+) -> Iterator[tuple[Batch, Batch]]:
+    """Like `iter_bucketed` over pairs: yields (good_batch, bad_batch) with the same
+    length T (the bucket of the longer sentence) and the same `index` / `valid`, so row
+    b of both batches is pair ``index[b]``."""
+    if len(good) != len(bad):
+        raise ValueError(f"{len(good)} good sequences but {len(bad)} bad ones")
+    lengths = [max(len(g), len(b)) for g, b in zip(good, bad)]
+    for length, items in _buckets(lengths, min_len=min_len, max_len=max_len).items():
+        for lo in range(0, len(items), batch_size):
+            chunk = items[lo: lo + batch_size]
+            pick = lambda sf: None if sf is None else [sf[i] for i in chunk]  # noqa: E731
+            yield (
+                make_batch([good[i] for i in chunk], length=length, batch_size=batch_size,
+                           index=chunk, score_from=pick(score_from_good)),
+                make_batch([bad[i] for i in chunk], length=length, batch_size=batch_size,
+                           index=chunk, score_from=pick(score_from_bad)),
+            )
+
+
+def _short(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -1,0 +1,160 @@
+"""`select_tasks`: a small selector language over BLiMP and user pair files."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from lmgrad.tasks.blimp import blimp_taxonomy, blimp_uids, load_blimp
+from lmgrad.tasks.pairs import Task, TaskDataError, load_jsonl, normalise_field
+
+__all__ = ["select_tasks", "subsample", "task_provenance"]
+
+_KINDS = {
+    "blimp": "uid", "uid": "uid",
+    "term": "term", "linguistics_term": "term",
+    "field": "field",
+    "file": "file",
+}
+
+
+def select_tasks(selector: str, *, max_pairs_per_task: int | None = None, seed: int = 0) -> list[Task]:
+    """Resolve a selector string to Tasks, sorted by uid and de-duplicated.
+
+    Grammar: clauses joined by ``,`` or ``+`` (union). A clause is ``kind:value``; a bare
+    item after a clause is one more value of that clause's kind, so
+    ``blimp:passive_1,passive_2`` names two UIDs. Kinds:
+
+    - ``blimp``                         all 67 BLiMP paradigms
+    - ``blimp:UID`` or ``uid:UID``      one BLiMP paradigm (a bare first item is a UID too)
+    - ``term:T`` / ``linguistics_term:T``  BLiMP paradigms with that linguistics_term,
+      e.g. ``term:island_effects``
+    - ``field:F``                       BLiMP paradigms with that field (morphology, syntax,
+      semantics, syntax_semantics; ``syntax/semantics`` is accepted)
+    - ``file:PATH``                     every Task in a JSONL (or .jsonl.gz) pairs file;
+      PATH may not contain ``,`` or ``+``
+
+    Example: ``"term:binding+field:morphology,file:extra.jsonl"``.
+
+    Args:
+      selector: the selector string.
+      max_pairs_per_task: keep at most this many pairs per Task, a seeded sample without
+        replacement in original order (see `subsample`).
+      seed: non-negative sampling seed.
+
+    Raises:
+      TaskDataError: unknown UID / term / field (listing valid values), a clause without
+        a value, the same uid from two different sources, or an empty selection.
+    """
+    uids: list[str] = []
+    terms: list[str] = []
+    fields: list[str] = []
+    files: list[str] = []
+    bucket = {"uid": uids, "term": terms, "field": fields, "file": files}
+    kind: str | None = None
+    for item in re.split(r"[,+]", selector):
+        item = item.strip()
+        if not item:
+            continue
+        prefix, sep, value = item.partition(":")
+        if sep and prefix.strip().lower() in _KINDS:
+            kind = _KINDS[prefix.strip().lower()]
+            value = value.strip()
+            if not value:
+                if prefix.strip().lower() == "blimp":
+                    uids.extend(blimp_uids())
+                    continue
+                raise TaskDataError(f"selector {selector!r}: clause {item!r} needs a value")
+            bucket[kind].append(value)
+        elif item.lower() == "blimp":
+            uids.extend(blimp_uids())
+            kind = "uid"
+        else:
+            bucket[kind or "uid"].append(item)
+
+    tax = blimp_taxonomy()
+    _check_known(selector, "BLiMP UID", uids, tax.keys())
+    valid_terms = {v["linguistics_term"] for v in tax.values()}
+    _check_known(selector, "linguistics_term", terms, valid_terms)
+    fields = [normalise_field(f) for f in fields]
+    valid_fields = {v["field"] for v in tax.values()}
+    _check_known(selector, "field", fields, valid_fields)
+
+    chosen = set(uids)
+    chosen |= {u for u, v in tax.items() if v["linguistics_term"] in terms}
+    chosen |= {u for u, v in tax.items() if v["field"] in fields}
+    tasks = load_blimp(chosen) if chosen else []
+    seen_files = set()
+    for path in files:
+        real = os.path.realpath(path)
+        if real not in seen_files:
+            seen_files.add(real)
+            tasks.extend(load_jsonl(path))
+
+    by_uid: dict[str, Task] = {}
+    for t in tasks:
+        prev = by_uid.get(t.uid)
+        if prev is not None and (prev.source, prev.sha256) != (t.source, t.sha256):
+            raise TaskDataError(
+                f"selector {selector!r}: task uid {t.uid!r} comes from both {prev.source!r} "
+                f"and {t.source!r}; rename one UID"
+            )
+        by_uid.setdefault(t.uid, t)
+    if not by_uid:
+        raise TaskDataError(f"selector {selector!r} selects no tasks")
+    out = [by_uid[u] for u in sorted(by_uid)]
+    if max_pairs_per_task is not None:
+        out = [subsample(t, max_pairs_per_task, seed=seed) for t in out]
+    return out
+
+
+def subsample(task: Task, n: int, *, seed: int = 0) -> Task:
+    """At most `n` pairs of `task`, sampled without replacement, in original order.
+
+    The generator is seeded from (seed, a stable hash of the uid), so one task's sample
+    does not change when other tasks join or leave a selection. `source` and `sha256`
+    still describe the full source; record (n, seed) beside them (see `task_provenance`).
+    """
+    if n < 1:
+        raise ValueError(f"max_pairs_per_task must be >= 1, got {n}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if len(task.pairs) <= n:
+        return task
+    rng = np.random.default_rng([seed, _stable_hash(task.uid)])
+    idx = np.sort(rng.choice(len(task.pairs), size=n, replace=False))
+    return dataclasses.replace(task, pairs=tuple(task.pairs[i] for i in idx))
+
+
+def task_provenance(tasks: Sequence[Task]) -> list[dict[str, Any]]:
+    """JSON-ready provenance rows for a run manifest: one per task.
+
+    `pair_ids_sha256` hashes the chosen pairIDs (newline-joined), so a subsample is
+    pinned down without listing every ID.
+    """
+    rows = []
+    for t in tasks:
+        ids = "\n".join(p.pairID for p in t.pairs).encode("utf-8")
+        rows.append({
+            "uid": t.uid, "source": t.source, "sha256": t.sha256, "n_pairs": len(t.pairs),
+            "field": t.field, "linguistics_term": t.linguistics_term,
+            "pair_ids_sha256": hashlib.sha256(ids).hexdigest(),
+        })
+    return rows
+
+
+def _stable_hash(s: str) -> int:
+    # Python's hash() is salted per process; this is stable across runs and hosts.
+    return int.from_bytes(hashlib.sha256(s.encode("utf-8")).digest()[:8], "little")
+
+
+def _check_known(selector: str, what: str, values, valid) -> None:
+    unknown = sorted({v for v in values if v not in valid})
+    if unknown:
+        raise TaskDataError(
+            f"selector {selector!r}: unknown {what}(s) {unknown}; valid: {', '.join(sorted(valid))}"
+        )
