@@ -79,7 +79,8 @@ def load_jsonl(path: str | os.PathLike, *, default_uid: str | None = None) -> li
     Raises:
       TaskDataError: naming ``file:line`` and the field, for malformed JSON, a line that
         is not an object, a missing / non-string / empty sentence, a bad UID or pairID,
-        a duplicate (UID, pairID), inconsistent field or term within a UID, or no pairs.
+        a duplicate (UID, pairID), two different fields or terms within a UID, or no
+        pairs. Lines of a UID may omit field / term; the Task takes the stated one.
     """
     path = os.fspath(path)
     try:
@@ -110,7 +111,7 @@ def parse_jsonl(data: bytes, *, name: str, default_uid: str, source: str) -> lis
         raise TaskDataError(f"{name}: not UTF-8 ({e})") from e
 
     groups: dict[str, list[Pair]] = collections.OrderedDict()
-    first_line: dict[str, int] = {}
+    labels: dict[str, dict[str, tuple[str, int]]] = {}
     seen: dict[tuple[str, str], int] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -130,22 +131,26 @@ def parse_jsonl(data: bytes, *, name: str, default_uid: str, source: str) -> lis
                 f"{pair.UID!r} (first at line {seen[key]})"
             )
         seen[key] = lineno
-        if pair.UID in groups:
-            head = groups[pair.UID][0]
-            for attr in ("field", "linguistics_term"):
-                if getattr(pair, attr) != getattr(head, attr):
-                    raise TaskDataError(
-                        f"{where}: field {attr!r}: {getattr(pair, attr)!r} differs from "
-                        f"{getattr(head, attr)!r} at line {first_line[pair.UID]} for UID {pair.UID!r}"
-                    )
-        else:
+        if pair.UID not in groups:
             groups[pair.UID] = []
-            first_line[pair.UID] = lineno
+            labels[pair.UID] = {}
+        # A task has one field and one term; lines may omit them (None) but not disagree.
+        for attr in ("field", "linguistics_term"):
+            v = getattr(pair, attr)
+            if v is None:
+                continue
+            prev = labels[pair.UID].setdefault(attr, (v, lineno))
+            if prev[0] != v:
+                raise TaskDataError(
+                    f"{where}: field {attr!r}: {v!r} differs from {prev[0]!r} at line "
+                    f"{prev[1]} for UID {pair.UID!r}"
+                )
         groups[pair.UID].append(pair)
     if not groups:
         raise TaskDataError(f"{name}: no pairs in file")
     return [
-        Task(uid=uid, pairs=tuple(ps), field=ps[0].field, linguistics_term=ps[0].linguistics_term,
+        Task(uid=uid, pairs=tuple(ps), field=labels[uid].get("field", (None,))[0],
+             linguistics_term=labels[uid].get("linguistics_term", (None,))[0],
              source=source, sha256=sha)
         for uid, ps in groups.items()
     ]
