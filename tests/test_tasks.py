@@ -224,3 +224,13 @@ def test_subsample_small_task_and_bad_args():
         subsample(t, 0)
     with pytest.raises(ValueError):
         subsample(t, 5, seed=-1)
+
+
+def test_unicode_line_separator_inside_string(tmp_path):
+    p = tmp_path / "u.jsonl"
+    rows = [{"sentence_good": "a\u2028b", "sentence_bad": "c\u0085d"}, {"sentence_good": "e", "sentence_bad": ""}]
+    p.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    with pytest.raises(TaskDataError, match=r"u\.jsonl:2: field 'sentence_bad' is empty"):
+        load_jsonl(p)
+    p.write_text(json.dumps(rows[0], ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert load_jsonl(p)[0].pairs[0].sentence_good == "a\u2028b"

@@ -113,7 +113,9 @@ def parse_jsonl(data: bytes, *, name: str, default_uid: str, source: str) -> lis
     groups: dict[str, list[Pair]] = collections.OrderedDict()
     labels: dict[str, dict[str, tuple[str, int]]] = {}
     seen: dict[tuple[str, str], int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): the latter also breaks on U+2028 etc., which JSON
+    # strings may hold unescaped, and would shift line numbers in error messages.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{name}:{lineno}"
