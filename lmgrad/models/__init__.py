@@ -1,0 +1,21 @@
+"""Flax causal LMs (GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2) loaded from HF or GGUF checkpoints."""
+
+from lmgrad.models.config import ModelConfig, UnsupportedModelError, from_hf_config
+from lmgrad.models.loading import (
+    DEFAULT_SPEC,
+    CheckpointError,
+    LoadedModel,
+    build_module,
+    convert_state_dict,
+    flatten_params,
+    load_model,
+    logits_fn,
+    param_shapes,
+    unflatten_params,
+)
+
+__all__ = [
+    "DEFAULT_SPEC", "CheckpointError", "LoadedModel", "ModelConfig", "UnsupportedModelError",
+    "build_module", "convert_state_dict", "flatten_params", "from_hf_config", "load_model",
+    "logits_fn", "param_shapes", "unflatten_params",
+]

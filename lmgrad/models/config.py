@@ -1,0 +1,190 @@
+"""One frozen config for every supported causal LM, built from a `transformers` config.
+
+`transformers` owns config parsing (it normalises old `rope_scaling`/`rotary_pct` fields into
+`rope_parameters`); we only read the fields our Flax modules need and refuse what we do not support.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or one of its options is not implemented."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters shared by the GPT-2, GPT-NeoX and Llama families."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool
+    # Rotary embeddings (GPT-NeoX / Llama); rotary_dim == 0 means learned positions (GPT-2).
+    rotary_dim: int = 0
+    inv_freq: tuple[float, ...] = ()
+    rope_attention_factor: float = 1.0
+    parallel_residual: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    scale_attn_by_inverse_layer_idx: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def family(self) -> str:
+        return {"mistral": "llama", "qwen2": "llama"}.get(self.model_type, self.model_type)
+
+
+def _rope_inv_freq(rope: dict[str, Any], dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies for the RoPE variants used by supported checkpoints.
+
+    Mirrors `transformers.modeling_rope_utils` (default, linear, llama3) in float64 numpy so that
+    the runtime needs no torch; `tests/test_models.py` checks it against transformers.
+    """
+    base = float(rope.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float64) / dim))
+    attention_factor = 1.0
+    if rope_type == "default":
+        pass
+    elif rope_type == "linear":
+        inv_freq = inv_freq / float(rope["factor"])
+    elif rope_type == "llama3":
+        factor = float(rope["factor"])
+        low = float(rope["low_freq_factor"])
+        high = float(rope["high_freq_factor"])
+        old_len = float(rope["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    else:
+        raise UnsupportedModelError(
+            f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3)"
+        )
+    return inv_freq, attention_factor
+
+
+def _get(hf: Any, name: str, default: Any = None) -> Any:
+    return getattr(hf, name, default) if hf is not None else default
+
+
+def from_hf_config(hf: Any) -> ModelConfig:
+    """Builds a `ModelConfig` from a `transformers.PretrainedConfig`.
+
+    Raises `UnsupportedModelError` naming the model_type or option we do not implement.
+    """
+    mt = _get(hf, "model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"unknown model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    common = dict(
+        model_type=mt,
+        vocab_size=int(hf.vocab_size),
+        bos_token_id=_get(hf, "bos_token_id"),
+        eos_token_id=_get(hf, "eos_token_id"),
+    )
+    if mt == "gpt2":
+        if _get(hf, "reorder_and_upcast_attn", False):
+            # Only changes numerics in half precision; we always upcast the softmax anyway.
+            pass
+        if not _get(hf, "scale_attn_weights", True):
+            raise UnsupportedModelError("gpt2 with scale_attn_weights=False is not supported")
+        d = int(hf.n_embd)
+        return ModelConfig(
+            **common,
+            hidden_size=d,
+            num_layers=int(hf.n_layer),
+            num_heads=int(hf.n_head),
+            num_kv_heads=int(hf.n_head),
+            head_dim=d // int(hf.n_head),
+            intermediate_size=int(_get(hf, "n_inner") or 4 * d),
+            max_position_embeddings=int(hf.n_positions),
+            norm_eps=float(hf.layer_norm_epsilon),
+            hidden_act=str(hf.activation_function),
+            tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            scale_attn_by_inverse_layer_idx=bool(_get(hf, "scale_attn_by_inverse_layer_idx", False)),
+        )
+    rope = dict(_get(hf, "rope_parameters") or {})
+    if not rope:  # transformers < 5 style configs
+        rope = dict(_get(hf, "rope_scaling") or {})
+        rope.setdefault("rope_theta", _get(hf, "rope_theta", _get(hf, "rotary_emb_base", 10000.0)))
+    d = int(hf.hidden_size)
+    nh = int(hf.num_attention_heads)
+    if mt == "gpt_neox":
+        head_dim = d // nh
+        pct = float(rope.get("partial_rotary_factor", _get(hf, "rotary_pct", 1.0)))
+        rotary_dim = int(head_dim * pct)
+        inv_freq, att = _rope_inv_freq(rope, rotary_dim, int(hf.max_position_embeddings))
+        return ModelConfig(
+            **common,
+            hidden_size=d,
+            num_layers=int(hf.num_hidden_layers),
+            num_heads=nh,
+            num_kv_heads=nh,
+            head_dim=head_dim,
+            intermediate_size=int(hf.intermediate_size),
+            max_position_embeddings=int(hf.max_position_embeddings),
+            norm_eps=float(hf.layer_norm_eps),
+            hidden_act=str(hf.hidden_act),
+            tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+            rotary_dim=rotary_dim,
+            inv_freq=tuple(float(x) for x in inv_freq),
+            rope_attention_factor=att,
+            parallel_residual=bool(_get(hf, "use_parallel_residual", True)),
+            qkv_bias=bool(_get(hf, "attention_bias", True)),
+            o_bias=bool(_get(hf, "attention_bias", True)),
+            mlp_bias=True,
+        )
+    # Llama family: llama, mistral, qwen2.
+    head_dim = int(_get(hf, "head_dim") or d // nh)
+    pct = float(rope.get("partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * pct)
+    inv_freq, att = _rope_inv_freq(rope, rotary_dim, int(hf.max_position_embeddings))
+    if mt == "qwen2":
+        qkv_bias, o_bias = True, False
+    else:
+        qkv_bias = o_bias = bool(_get(hf, "attention_bias", False))
+    return ModelConfig(
+        **common,
+        hidden_size=d,
+        num_layers=int(hf.num_hidden_layers),
+        num_heads=nh,
+        num_kv_heads=int(_get(hf, "num_key_value_heads") or nh),
+        head_dim=head_dim,
+        intermediate_size=int(hf.intermediate_size),
+        max_position_embeddings=int(hf.max_position_embeddings),
+        norm_eps=float(hf.rms_norm_eps),
+        hidden_act=str(hf.hidden_act),
+        tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        rotary_dim=rotary_dim,
+        inv_freq=tuple(float(x) for x in inv_freq),
+        rope_attention_factor=att,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(_get(hf, "mlp_bias", False)),
+    )

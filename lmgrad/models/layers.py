@@ -1,0 +1,169 @@
+"""Building blocks shared by the model families.
+
+Parameters are named and shaped exactly like the Hugging Face PyTorch state dict (`weight` of a
+Linear is [out, in], GPT-2's Conv1D `weight` is [in, out]) so checkpoint conversion is an identity
+map plus a short list of per-family exceptions.
+
+Every linear map records its input and exposes its output through Flax's intermediates and
+perturbation mechanisms (`sow('intermediates', 'x', ...)` and `perturb('dy', ...)`); both are
+no-ops unless the caller asks for those collections. The factored sketch path uses them to get,
+in one batched backward, the layer inputs x and output gradients δ of every example.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def _capture(module: nn.Module, x: jax.Array) -> None:
+    if module.is_mutable_collection("intermediates"):
+        module.sow("intermediates", "x", x)
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ + b with W stored [out, in] as in `torch.nn.Linear`."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), self.dtype)
+        _capture(self, x)
+        y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).astype(x.dtype)
+        return self.perturb("dy", y)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's `Conv1D`: a linear map with W stored [in, out]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("weight", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
+        b = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        _capture(self, x)
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype)) + b.astype(x.dtype)
+        return self.perturb("dy", y)
+
+
+class Embedding(nn.Module):
+    """Token (or position) embedding table [num, dim], usable as a tied output head."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.weight = self.param(
+            "weight", nn.initializers.normal(0.02), (self.num_embeddings, self.features), self.dtype
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        y = jnp.take(self.weight, ids, axis=0)
+        return self.perturb("dy", y)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Tied output head: logits = h Eᵀ."""
+        # Separate names from the lookup's so both uses of a tied matrix are seen.
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "head_x", h)
+        y = jnp.einsum("...d,vd->...v", h, self.weight.astype(h.dtype))
+        return self.perturb("head_dy", y)
+
+
+class LayerNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        w = self.param("weight", nn.initializers.ones, (d,), self.dtype)
+        b = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        # As transformers' LlamaRMSNorm: normalise in float32, cast, then scale.
+        return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: tuple[float, ...], factor: float = 1.0):
+    """cos/sin tables [..., T, rotary_dim] in float32 (rotate-half layout)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * factor, jnp.sin(emb) * factor
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates the first `rotary_dim` channels of x [B, T, H, D] (GPT-NeoX/Llama rotate-half)."""
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    c = cos[:, :, None, :].astype(x.dtype)
+    s = sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x_rot * c + rotated * s, x_pass], axis=-1)
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, 1, T, T] boolean: query t sees key s iff s ≤ t and s is not padding."""
+    t = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return causal[None, None] & (attention_mask[:, None, None, :] > 0)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,D], k/v [B,S,K,D] with H = G·K; returns [B,T,H·D].
+
+    Scores and softmax in float32 whatever the compute dtype.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
+    return o.reshape(b, t, h * d)
