@@ -164,8 +164,8 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_GGUF_OF_HF[module]}.weight"
 
 
-def random_state(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
-    cfg = TinyConfig()
+def random_state(tied: bool, seed: int = 0, cfg: TinyConfig | None = None) -> dict[str, np.ndarray]:
+    cfg = cfg or TinyConfig()
     cfg.tie_word_embeddings = tied
     rng = np.random.default_rng(seed)
     return {n: rng.standard_normal(s).astype(np.float32) for n, s in llama_expected_shapes(cfg).items()}
@@ -173,9 +173,9 @@ def random_state(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
 
 def write_tiny_gguf(path: pathlib.Path, state: dict[str, np.ndarray], *, arch: str = "llama",
                     quantize: bool = False, drop: tuple[str, ...] = (), extra: dict[str, np.ndarray] | None = None,
-                    ) -> pathlib.Path:
+                    cfg: TinyConfig | None = None) -> pathlib.Path:
     """A llama GGUF as llama.cpp's converter writes it: its names, its Q/K permutation, no tokenizer."""
-    c = TinyConfig
+    c = cfg or TinyConfig()
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-test")
     w.add_block_count(c.num_hidden_layers)
@@ -222,6 +222,17 @@ def test_tiny_f32_round_trip_is_exact(tmp_path, tied):
     assert ck.sha256 == hashlib.sha256((tmp_path / "tiny.gguf").read_bytes()).hexdigest()
 
 
+def test_tiny_head_dim_not_hidden_over_heads(tmp_path):
+    cfg = TinyConfig()
+    cfg.head_dim = 32  # q_proj is [128, 64], as in Mistral-Nemo-style configs
+    state = random_state(True, seed=2, cfg=cfg)
+    assert state["model.layers.0.self_attn.q_proj.weight"].shape == (128, 64)
+    ck = load_gguf(write_tiny_gguf(tmp_path / "hd.gguf", state, cfg=cfg), load_tokenizer=False)
+    assert ck.config.head_dim == 32
+    for name, a in state.items():
+        np.testing.assert_array_equal(ck.state_dict[name], a, err_msg=name)
+
+
 def test_tiny_q8_0_round_trip_within_quantisation_bound(tmp_path):
     state = random_state(tied=False, seed=1)
     ck = load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", state, quantize=True), load_tokenizer=False)
@@ -249,6 +260,12 @@ def test_not_gguf_names_the_file(tmp_path):
         load_gguf(bad)
     with pytest.raises(FileNotFoundError, match="nothere"):
         load_gguf(tmp_path / "nothere.gguf")
+
+
+def test_missing_tokenizer_names_the_file(tmp_path):
+    path = write_tiny_gguf(tmp_path / "notok.gguf", random_state(True))
+    with pytest.raises(ValueError, match=r"notok\.gguf.*tokenizer.*load_tokenizer=False"):
+        load_gguf(path)
 
 
 def test_unsupported_architecture(tmp_path):

@@ -18,11 +18,14 @@ import dataclasses
 import os
 import pathlib
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from lmgrad.models.fetch import sha256_file
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -64,9 +67,9 @@ class GGUFCheckpoint:
       ggml_types: HF parameter name -> GGML storage type of its source tensor (e.g. "Q4_1").
     """
 
-    config: Any
+    config: PretrainedConfig
     state_dict: dict[str, np.ndarray]
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerFast | None
     sha256: str
     path: pathlib.Path
     ggml_types: dict[str, str]
@@ -100,12 +103,12 @@ def unpermute_rope_rows_reference(w_oi: np.ndarray, n_head: int) -> np.ndarray:
     return out
 
 
-def _head_dim(config: Any) -> int:
+def _head_dim(config: PretrainedConfig) -> int:
     head_dim = getattr(config, "head_dim", None)
     return head_dim if head_dim else config.hidden_size // config.num_attention_heads
 
 
-def llama_expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+def llama_expected_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """HF parameter name -> shape of a ``LlamaForCausalLM`` (or Mistral) with this config."""
     d, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
     hd = _head_dim(config)
@@ -140,7 +143,7 @@ def _llama_hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _llama_hook(hf_name: str, config: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+def _llama_hook(hf_name: str, config: PretrainedConfig) -> Callable[[np.ndarray], np.ndarray] | None:
     """The value transform for one tensor, if it needs one."""
     if hf_name.endswith("self_attn.q_proj.weight"):
         return lambda w: unpermute_rope_rows(w, config.num_attention_heads)
@@ -211,7 +214,11 @@ def load_gguf(path: str | os.PathLike, *, load_tokenizer: bool = True) -> GGUFCh
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
 
     # Exactly what from_pretrained(dir, gguf_file=name) does, so config fields agree with transformers.
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers' messages do not name the file
+        raise ValueError(f"{path}: transformers could not build a config from the GGUF metadata "
+                         f"({type(e).__name__}: {e})") from e
     expected = llama_expected_shapes(config)
 
     # Map every name before dequantising anything, so a bad file fails fast and totally.
@@ -254,6 +261,10 @@ def load_gguf(path: str | os.PathLike, *, load_tokenizer: bool = True) -> GGUFCh
     if load_tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:
+            raise ValueError(f"{path}: transformers could not build a tokenizer from the GGUF metadata "
+                             f"({type(e).__name__}: {e}); pass load_tokenizer=False to skip it") from e
     return GGUFCheckpoint(config=config, state_dict=state_dict, tokenizer=tokenizer,
                           sha256=sha256_file(path), path=path, ggml_types=ggml_types)
