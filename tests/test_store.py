@@ -248,7 +248,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     # ...then kills at random moments while shards are being written with short sleeps.
     rnd = random.Random(0)
     kills = [(s, None) for s in stages] + [(None, rnd.uniform(0.0, 0.1)) for _ in range(5)]
-    seen_rows = []
+    seen_rows, left_garbage = [], 0
     for die_at, kill_after in kills:
         rc = _run_writer(script, run, sleep_s=0.02, die_at=die_at, kill_after=kill_after)
         assert rc == -signal.SIGKILL or die_at is None
@@ -257,7 +257,9 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
             np.testing.assert_array_equal(part.sketches, ref.sketches[: len(part)])
             assert part.meta_records() == ref.meta_records()[: len(part)]
             seen_rows.append(len(part))
-    print("rows after each kill:", seen_rows)
+            listed = {Path(e[key]).name for e in part.shards for key in ("file", "meta_file")}
+            left_garbage += bool(set(os.listdir(run / "shards")) - listed)
+    assert left_garbage >= 3, "kills mid-commit should have left unlisted files for resume to sweep"
     assert seen_rows[-1] < 360, f"the random kills came too late to test anything: {seen_rows}"
     assert _run_writer(script, run) == 0
 
