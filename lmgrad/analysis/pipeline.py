@@ -21,6 +21,7 @@ from lmgrad.analysis.space import (block_similarities_from_means, check_sketches
                                    require_pairs, require_tasks, similarity, task_index,
                                    task_means)
 from lmgrad.analysis.stats import (StatResult, cluster_agreement, compare_task_spaces, mantel,
+                                   min_attainable_p,
                                    offdiag_correlation, within_between)
 from lmgrad.analysis.uncertainty import (BootstrapResult, Reliability, bootstrap_similarity,
                                          split_half_reliability)
@@ -119,7 +120,10 @@ def stats_dict(result: TaskSpaceResult, provenance: Mapping[str, Any] | None = N
         "settings": result.settings,
         "provenance": dict(provenance or {}),
         "hypothesis": {"name": result.hypothesis.name,
-                       "n_categories": result.hypothesis.n_categories},
+                       "n_categories": result.hypothesis.n_categories,
+                       "min_attainable_p": (min_attainable_p(result.hypothesis.categories)
+                                            if result.hypothesis.categories is not None
+                                            else None)},
         "n_tasks": len(result.names),
         "pairs_per_task": {"min": int(result.counts.min()), "median": float(np.median(result.counts)),
                            "max": int(result.counts.max())},

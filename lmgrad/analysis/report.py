@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmgrad.analysis.stats import ALPHA, _fmt_p
+from lmgrad.analysis.stats import ALPHA, _fmt_p, min_attainable_p
 from lmgrad.analysis.uncertainty import offdiag
 
 if TYPE_CHECKING:
@@ -69,6 +69,12 @@ def _summary(result: "TaskSpaceResult", summary: Mapping[str, Any]) -> list[str]
         lines.append(f"- The task space is {'highly' if rel.spearman_brown >= 0.9 else 'moderately'}"
                      f" reliable: split-half reliability {rel.spearman_brown:.2f} "
                      f"(Spearman–Brown, {rel.n_splits} random splits).")
+    if result.hypothesis.categories is not None:
+        pmin = min_attainable_p(result.hypothesis.categories)
+        if pmin > ALPHA:
+            lines.append(f"- With {t} tasks in this grouping no permutation test can reach "
+                         f"p < {ALPHA}: the smallest attainable p is {pmin:.3g}. Read the "
+                         "statistics below as effect sizes only.")
     wb = result.stats.get("within_between")
     m = result.stats.get("mantel")
     if wb is not None and np.isfinite(wb.statistic):

@@ -275,3 +275,16 @@ def compare_task_spaces(sim_a: np.ndarray, sim_b: np.ndarray, names_a: Sequence[
                       f"{len(x)} task pairs: {verdict}",
                       {"spearman": rho, "max_abs_diff": max_abs,
                        "rmse": float(np.sqrt(np.mean((x - y) ** 2)))})
+
+
+def min_attainable_p(categories: Sequence[Any]) -> float:
+    """Smallest p any task-permutation test can reach for a grouping: the share of permutations
+    that map the grouping onto itself, Π n_c! · Π m_s! / T! (n_c category sizes, m_s number of
+    categories of size s). With 6 tasks in 3 pairs it is 1/15, so p < 0.05 is unreachable."""
+    from math import exp, lgamma
+    cats = np.asarray(categories).astype(str)
+    _, sizes = np.unique(cats, return_counts=True)
+    _, mult = np.unique(sizes, return_counts=True)
+    log_p = (sum(lgamma(s + 1) for s in sizes) + sum(lgamma(m + 1) for m in mult)
+             - lgamma(len(cats) + 1))
+    return float(exp(log_p))

@@ -1,0 +1,360 @@
+"""lmgrad.analysis against plain float64 loops, scipy, and statistical bounds from theory."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from lmgrad import analysis as A
+from lmgrad.analysis.stats import min_attainable_p
+
+
+def _planted(t_per_cat=3, n_cat=3, n=20, k=32, noise=1.0, task_noise=0.3, seed=0):
+    """Sketches with category structure: task mean = category vector + task jitter."""
+    rng = np.random.default_rng(seed)
+    cats = np.repeat([f"c{i}" for i in range(n_cat)], t_per_cat)
+    names = np.array([f"t{i:02d}" for i in range(len(cats))])
+    cv = {c: rng.normal(size=k) for c in np.unique(cats)}
+    mu = np.stack([cv[c] + task_noise * rng.normal(size=k) for c in cats])
+    x = np.repeat(mu, n, 0) + noise * rng.normal(size=(len(cats) * n, k))
+    return x.astype(np.float32), np.repeat(names, n), names, cats, mu
+
+
+# ----------------------------------------------------------------------- references (loops)
+
+def _ref_means(x, tasks):
+    names = sorted(set(tasks))
+    out = []
+    for t in names:
+        acc = np.zeros(x.shape[1])
+        c = 0
+        for row, lab in zip(x, tasks):
+            if lab == t:
+                acc += row.astype(np.float64)
+                c += 1
+        out.append(acc / c)
+    return names, np.array(out)
+
+
+def _ref_sim(m, kind):
+    t = len(m)
+    s = np.zeros((t, t))
+    for i in range(t):
+        for j in range(t):
+            a, b = m[i].astype(np.float64), m[j].astype(np.float64)
+            if kind == "pearson":
+                a, b = a - a.mean(), b - b.mean()
+            s[i, j] = a @ b / np.sqrt((a @ a) * (b @ b))
+    return s
+
+
+def test_task_means_and_similarity_match_loops():
+    x, tasks, *_ = _planted(n=7, k=9)
+    names, means = A.task_means(x, tasks)
+    rnames, rmeans = _ref_means(x, tasks)
+    assert list(names) == rnames
+    np.testing.assert_allclose(means, rmeans, rtol=1e-12)
+    for kind in ("cosine", "pearson"):
+        np.testing.assert_allclose(A.similarity(means, kind), _ref_sim(rmeans, kind), atol=1e-12)
+    # Pearson is centred cosine, i.e. np.corrcoef of the vectors.
+    np.testing.assert_allclose(A.similarity(means, "pearson"), np.corrcoef(rmeans), atol=1e-12)
+
+
+def test_coherence_and_pair_cosine_match_loops():
+    x, tasks, *_ = _planted(n=6, k=8)
+    names, counts, pcos = A.pair_cosine_matrix(x, tasks)
+    xs = x.astype(np.float64)
+    for a, ta in enumerate(names):
+        for b, tb in enumerate(names):
+            vals = [xs[i] @ xs[j] / np.linalg.norm(xs[i]) / np.linalg.norm(xs[j])
+                    for i in range(len(xs)) for j in range(len(xs))
+                    if tasks[i] == ta and tasks[j] == tb and i != j]
+            assert pcos[a, b] == pytest.approx(np.mean(vals), abs=1e-12)
+    coh = A.coherence(x, tasks)
+    assert coh[str(names[0])] == pytest.approx(pcos[0, 0])
+    samples = A.pair_cosine_samples(x, tasks)
+    n = len(x)
+    assert len(samples["within"]) + len(samples["between"]) == n * (n - 1) // 2
+
+
+def test_offdiag_correlations_match_scipy():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(7, 7))
+    a = (a + a.T) / 2
+    b = a + rng.normal(size=(7, 7))
+    b = (b + b.T) / 2
+    iu = np.triu_indices(7, 1)
+    for method, fn in (("spearman", sps.spearmanr), ("pearson", sps.pearsonr)):
+        r = A.offdiag_correlation(a, b, method)
+        ref = fn(a[iu], b[iu])
+        assert r.statistic == pytest.approx(ref[0], abs=1e-12)
+        assert r.p_value == pytest.approx(ref[1], rel=1e-9)
+        assert r.n == 21
+
+
+def test_ari_hand_computed_contingency():
+    # Contingency [[2,1],[0,3]]: Σ C(n_ij,2)=1+0+0+3=4; rows (3,3) → 3+3=6; cols (2,4) → 1+6=7;
+    # C(6,2)=15; expected=6*7/15=2.8; max=6.5; ARI=(4-2.8)/(6.5-2.8)=1.2/3.7.
+    a = [0, 0, 0, 1, 1, 1]
+    b = ["x", "x", "y", "y", "y", "y"]
+    assert A.adjusted_rand_index(a, b) == pytest.approx(1.2 / 3.7, abs=1e-12)
+    assert A.adjusted_rand_index(a, [5, 5, 5, 7, 7, 7]) == pytest.approx(1.0)
+    assert A.adjusted_rand_index(a, b) == pytest.approx(A.adjusted_rand_index(b, a))
+
+
+def test_min_attainable_p():
+    assert min_attainable_p(["a", "a", "b", "b", "c", "c"]) == pytest.approx(1 / 15)
+    assert min_attainable_p(list("aaabbbccc")) == pytest.approx(216 * 6 / 362880)
+
+
+def test_parse_param_names():
+    P = A.parse_param_name
+    assert (P("model.layers.7.mlp.down_proj.weight").layer, P(
+        "model.layers.7.mlp.down_proj.weight").module_type) == (7, "mlp.down_proj")
+    assert P("transformer.h.7.attn.c_attn.weight").module_type == "attn.c_attn"
+    assert P("transformer.h.7.attn.c_attn.weight").layer == 7
+    g = P("gpt_neox.layers.11.attention.query_key_value.weight")
+    assert (g.layer, g.module_type) == (11, "attention.query_key_value")
+    for name, group in [("model.embed_tokens.weight", "embed"), ("transformer.wte.weight", "embed"),
+                        ("gpt_neox.embed_in.weight", "embed"), ("lm_head.weight", "head"),
+                        ("embed_out.weight", "head"), ("model.norm.weight", "final_norm"),
+                        ("transformer.ln_f.weight", "final_norm"),
+                        ("gpt_neox.final_layer_norm.weight", "final_norm")]:
+        info = P(name)
+        assert info.layer is None and info.module_type == group, name
+
+
+def test_block_similarities_group_columns():
+    x, tasks, *_ = _planted(n=5, k=40)
+    layout = [{"name": "model.embed_tokens.weight", "offset": 0, "size": 8}]
+    off = 8
+    for layer in range(2):
+        for m in ("self_attn.q_proj", "mlp.down_proj"):
+            layout.append({"name": f"model.layers.{layer}.{m}.weight", "offset": off, "size": 8})
+            off += 8
+    names, means = A.task_means(x, tasks)
+    _, by_layer = A.block_similarities(x, tasks, layout, "layer")
+    assert list(by_layer) == ["embed", "layers.0", "layers.1"]
+    np.testing.assert_allclose(by_layer["layers.1"], _ref_sim(means[:, 24:40], "cosine"),
+                               atol=1e-12)
+    _, by_type = A.block_similarities(x, tasks, layout, "module_type")
+    cols = np.r_[8:16, 24:32]
+    np.testing.assert_allclose(by_type["self_attn.q_proj"], _ref_sim(means[:, cols], "cosine"),
+                               atol=1e-12)
+    _, blocks = A.block_similarities(x, tasks, layout, "block")
+    assert len(blocks) == 5
+    with pytest.warns(UserWarning, match="no per-layer view"):
+        _, g = A.block_similarities(x, tasks, [{"name": "global", "offset": 0, "size": 40}])
+    assert list(g) == ["global"]
+    with pytest.raises(ValueError, match="expected 8"):
+        A.block_similarities(x, tasks, [{"name": "a", "offset": 0, "size": 8},
+                                        {"name": "b", "offset": 16, "size": 24}])
+
+
+# ----------------------------------------------------------------------- statistical tests
+
+def _random_sim(rng, t):
+    m = rng.normal(size=(t, 16))
+    return A.similarity(m)
+
+
+def test_mantel_null_is_uniform():
+    """Under a shuffled (independent) hypothesis the p-value is ~U(0,1): the rejection rate at
+    α=0.05 over 200 problems must lie inside a 3σ binomial band, and KS must not reject."""
+    rng = np.random.default_rng(123)
+    ps = []
+    for i in range(200):
+        sim = _random_sim(rng, 8)
+        cats = rng.integers(0, 3, 8)
+        hyp = (cats[:, None] == cats[None, :]).astype(float)
+        if offdiag_std(hyp) == 0:
+            cats = np.arange(8) % 3
+            hyp = (cats[:, None] == cats[None, :]).astype(float)
+        ps.append(A.mantel(sim, hyp, n_perm=199, seed=i).p_value)
+    ps = np.array(ps)
+    rate = np.mean(ps <= 0.05)
+    band = 3 * np.sqrt(0.05 * 0.95 / len(ps))
+    assert abs(rate - 0.05) <= band, rate
+    assert sps.kstest(ps, "uniform").pvalue > 0.001
+
+
+def offdiag_std(m):
+    return A.offdiag(m).std()
+
+
+def test_mantel_detects_planted_blocks_and_is_seeded():
+    x, tasks, names, cats, _ = _planted(t_per_cat=4, n_cat=3, n=10)
+    sim = A.similarity(A.task_means(x, tasks)[1])
+    hyp = A.categorical(names, cats, "planted")
+    r1 = A.mantel(sim, hyp.matrix, n_perm=500, seed=3)
+    r2 = A.mantel(sim, hyp.matrix, n_perm=500, seed=3)
+    assert r1.p_value < 0.01 and r1.statistic > 0.5
+    assert r1.p_value == r2.p_value
+    rs = A.mantel(sim, hyp.matrix, n_perm=500, seed=3, method="spearman")
+    assert rs.p_value < 0.01
+    wb = A.within_between(sim, cats, n_perm=500)
+    assert wb.p_value < 0.01 and wb.extra["within"] > wb.extra["between"]
+    ari = A.cluster_agreement(sim, cats, n_perm=200)
+    assert ari.statistic == pytest.approx(1.0) and ari.p_value < 0.01
+
+
+def test_bootstrap_coverage_planted():
+    """Percentile 90% CIs cover the population cosine at roughly the nominal rate. Noise is low
+    relative to the signal (bias of cosine-of-means ≪ its SE), so coverage ≈ nominal; the
+    lower bound leaves 4σ of binomial slack over 60 problems × 3 entries."""
+    covered, total = 0, 0
+    for rep in range(60):
+        rng = np.random.default_rng(1000 + rep)
+        mu = rng.normal(size=(3, 6))
+        n = 60
+        x = np.repeat(mu, n, 0) + 0.5 * rng.normal(size=(3 * n, 6))
+        tasks = np.repeat(["a", "b", "c"], n)
+        b = A.bootstrap_similarity(x, tasks, n_boot=200, seed=rep, alpha=0.1)
+        true = _ref_sim(mu, "cosine")
+        iu = np.triu_indices(3, 1)
+        covered += np.sum((b.low[iu] <= true[iu]) & (true[iu] <= b.high[iu]))
+        total += 3
+        assert np.all(b.low[iu] <= b.estimate[iu] + 1e-9)
+    rate = covered / total
+    assert rate >= 0.9 - 4 * np.sqrt(0.09 / 60), rate
+
+
+def test_bootstrap_shrinks_with_n_and_is_seeded():
+    widths = []
+    for n in (20, 320):
+        x, tasks, *_ = _planted(n=n, k=16, noise=1.0)
+        b = A.bootstrap_similarity(x, tasks, n_boot=100, seed=0)
+        widths.append(np.nanmedian(A.offdiag(b.width)))
+        b2 = A.bootstrap_similarity(x, tasks, n_boot=100, seed=0)
+        np.testing.assert_array_equal(b.low, b2.low)
+    # SE ∝ 1/√n asymptotically (16x n → 4x narrower); at small n the bounded, nonlinear cosine
+    # shrinks more slowly, so ask only for a halving.
+    assert widths[1] < widths[0] / 2
+
+
+def test_split_half_reliability():
+    x, tasks, *_ = _planted(n=40, noise=0.5)
+    rel = A.split_half_reliability(x, tasks, n_splits=10)
+    assert rel.spearman_brown > 0.9 and "highly reliable" in rel.interpretation
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=x.shape)  # no task structure at all
+    rel0 = A.split_half_reliability(noise, tasks, n_splits=10)
+    assert rel0.spearman_brown < 0.7 and "not reliable" in rel0.interpretation
+
+
+def test_compare_task_spaces():
+    x, tasks, names, *_ = _planted(n=10)
+    _, sim = A.task_similarity(x, tasks)
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(names))
+    same = A.compare_task_spaces(sim, sim[np.ix_(perm, perm)], names, names[perm])
+    assert same.statistic == pytest.approx(1.0) and "adequate" in same.interpretation
+    with pytest.raises(ValueError, match="only in A"):
+        A.compare_task_spaces(sim, sim, names, np.r_[names[:-1], ["zzz"]])
+
+
+# ----------------------------------------------------------------------- hypotheses
+
+def test_hypothesis_matrix_and_taxonomy():
+    meta = {"UID": np.array(["t1", "t1", "t2", "t3"]),
+            "linguistics_term": np.array(["x", "x", "x", "y"]),
+            "field": np.array(["f", "f", "g", "g"])}
+    tax = A.taxonomy_from_meta(meta)
+    h = A.hypothesis_matrix(["t1", "t2", "t3"], tax, by="linguistics_term")
+    np.testing.assert_array_equal(h.matrix, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+    assert h.n_categories == 2
+    with pytest.raises(ValueError, match="no category for task"):
+        A.hypothesis_matrix(["t1", "t9"], tax)
+    meta["field"][1] = "g"
+    with pytest.raises(ValueError, match="'t1' has several values"):
+        A.taxonomy_from_meta(meta)
+
+
+def test_load_hypothesis_files(tmp_path):
+    tasks = ["a", "b", "c"]
+    p = tmp_path / "h.json"
+    p.write_text(json.dumps({"a": "x", "b": "x", "c": "y"}))
+    h = A.load_hypothesis(str(p), tasks)
+    np.testing.assert_array_equal(h.matrix, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+    p.write_text(json.dumps({"a": "x", "b": "x", "c": "y", "nope": "z"}))
+    with pytest.raises(ValueError, match=r"unknown task name\(s\) \['nope'\]"):
+        A.load_hypothesis(str(p), tasks)
+    p.write_text(json.dumps({"a": "x"}))
+    with pytest.raises(ValueError, match=r"no entry for task\(s\) \['b', 'c'\]"):
+        A.load_hypothesis(str(p), tasks)
+    c = tmp_path / "h.csv"
+    c.write_text(",c,a,b\nc,1,0.2,0.5\na,0.2,1,0.9\nb,0.5,0.9,1\n")
+    h = A.load_hypothesis(str(c), tasks)  # reordered to the store's task order
+    np.testing.assert_allclose(h.matrix, [[1, .9, .2], [.9, 1, .5], [.2, .5, 1]])
+    assert h.categories is None
+    c.write_text(",a,b\na,1,0\nb,0,1\n")
+    with pytest.raises(ValueError, match=r"no entry for task\(s\) \['c'\]"):
+        A.load_hypothesis(str(c), tasks)
+    z = tmp_path / "h.npz"
+    np.savez(z, tasks=np.array(["a", "b", "c"]), matrix=np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1.]]))
+    h = A.load_hypothesis(str(z), tasks)
+    assert h.categories is not None and h.n_categories == 2  # a 0/1 grouping is recognised
+
+
+# ----------------------------------------------------------------------- bad input
+
+def test_bad_inputs():
+    x, tasks, names, cats, _ = _planted(n=4)
+    one = np.full(len(x), "only")
+    with pytest.raises(ValueError, match="needs >= 2 tasks"):
+        A.bootstrap_similarity(x, one)
+    hyp1 = A.categorical(["only"], ["c"], "h")
+    with pytest.raises(ValueError, match="needs >= 2 tasks"):
+        A.analyze(x, one, hyp1)
+    # A task with a single pair: error naming it.
+    t2 = tasks.astype("U16")
+    t2[0] = "lonely"
+    with pytest.raises(ValueError, match=r"lonely \(1\)"):
+        A.split_half_reliability(x, t2)
+    # Few pairs (< 5): warning and NaN CIs for that task only.
+    with pytest.warns(UserWarning, match="fewer than 5 pairs"):
+        b = A.bootstrap_similarity(x, tasks, n_boot=20)
+    assert np.isnan(b.low).all()
+    x5, t5, *_ = _planted(n=6)
+    t5 = t5.astype("U16")
+    t5[:3] = "small"  # 'small' has 3 pairs, t00 keeps 3
+    with pytest.warns(UserWarning, match="small"):
+        b = A.bootstrap_similarity(x5, t5, n_boot=20)
+    i = list(b.names).index("small")
+    j = list(b.names).index("t02")
+    k = list(b.names).index("t03")
+    assert np.isnan(b.low[i]).all() and np.isfinite(b.low[j, k])
+    # NaN rows: error naming the row and its task, or dropped with a warning.
+    xn = x.copy()
+    xn[5, 2] = np.nan
+    with pytest.raises(ValueError, match=r"row 5 \(task t01\)"):
+        A.task_means(xn, tasks)
+    with pytest.warns(UserWarning, match="dropped"):
+        xs, ts = A.check_sketches(xn, tasks, nonfinite="drop")
+    assert len(xs) == len(x) - 1
+    with pytest.raises(ValueError, match="expected 12 labels"):
+        A.task_means(x, tasks[:12])
+    with pytest.raises(ValueError, match="similarity kind"):
+        A.similarity(x[:3], "euclid")
+
+
+def test_zero_vector_task_gives_nan_not_zero():
+    m = np.array([[1.0, 0], [0, 0], [1, 1]])
+    with pytest.warns(UserWarning, match="zero vector"):
+        s = A.similarity(m)
+    assert np.isnan(s[1]).all() and s[0, 2] == pytest.approx(np.sqrt(0.5))
+
+
+def test_analyze_and_save_global_layout(tmp_path):
+    x, tasks, names, cats, _ = _planted(n=8, k=16)
+    hyp = A.categorical(names, cats, "planted")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no spurious warnings on clean input
+        res = A.analyze(x, tasks, hyp, n_boot=30, n_perm=99, n_splits=4)
+    assert res.global_only and list(res.groups) == ["global"]
+    paths = A.save(res, str(tmp_path), {"model": "toy"})
+    text = open(paths["report"]).read()
+    assert "single global block" in text and "no per-layer" in text
+    stats = json.load(open(paths["stats"]))
+    assert stats["tests"]["mantel"]["p_value"] < 0.05
