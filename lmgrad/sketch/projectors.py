@@ -354,4 +354,9 @@ def gaussian_matrix(seed: int, name: str, rows: int, cols: int, dtype: Any = jnp
     if rows <= 0 or cols <= 0:
         raise ValueError(f"gaussian_matrix({name!r}): rows and cols must be positive, got {rows}x{cols}")
     keys = jnp.asarray(hashing.keys_array(hashing.param_keys(seed, name, "gaussian")))
-    return hashing.gaussian_block(keys, jnp.uint32(0), rows, cols).astype(dtype)
+    return _gaussian_matrix(keys, rows=int(rows), cols=int(cols)).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "cols"))
+def _gaussian_matrix(keys: Array, *, rows: int, cols: int) -> Array:
+    return hashing.gaussian_block(keys, jnp.uint32(0), rows, cols)
