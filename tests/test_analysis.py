@@ -333,7 +333,7 @@ def test_bad_inputs():
     with pytest.warns(UserWarning, match="dropped"):
         xs, ts = A.check_sketches(xn, tasks, nonfinite="drop")
     assert len(xs) == len(x) - 1
-    with pytest.raises(ValueError, match="expected 12 labels"):
+    with pytest.raises(ValueError, match="expected 36 labels"):
         A.task_means(x, tasks[:12])
     with pytest.raises(ValueError, match="similarity kind"):
         A.similarity(x[:3], "euclid")
