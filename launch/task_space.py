@@ -37,6 +37,8 @@ flags.DEFINE_enum("similarity", "cosine", ["cosine", "pearson"], "Similarity of 
 flags.DEFINE_enum("group_by", "layer", ["layer", "module_type", "block"],
                   "How per-module sketch blocks are grouped for the per-group view.")
 flags.DEFINE_integer("n_boot", 200, "Bootstrap resamples for per-entry CIs.")
+flags.DEFINE_enum("ci_method", "percentile", ["percentile", "bc"],
+                  "Bootstrap interval: plain percentile or bias-corrected percentile.")
 flags.DEFINE_integer("n_perm", 1000, "Permutations for Mantel / within-between / ARI tests.")
 flags.DEFINE_integer("n_splits", 20, "Random split-halves for the reliability estimate.")
 flags.DEFINE_integer("seed", 0, "Seed for every resampling step.")
@@ -67,7 +69,7 @@ def _tasks(st: Any, path: str, column: str) -> np.ndarray:
 def run_task_space(store: str, workdir: str, hypothesis: str = "linguistics_term", *,
                    similarity: str = "cosine", group_by: str = "layer", n_boot: int = 200,
                    n_perm: int = 1000, n_splits: int = 20, seed: int = 0,
-                   store_b: str | None = None, task_column: str = "UID",
+                   ci_method: str = "percentile", store_b: str | None = None, task_column: str = "UID",
                    allow_incomplete: bool = False, nonfinite: str = "raise") -> Mapping[str, str]:
     """Open the store(s), analyse, write every output; returns ``{kind: path}``."""
     st = _open(store, allow_incomplete)
@@ -92,7 +94,8 @@ def run_task_space(store: str, workdir: str, hypothesis: str = "linguistics_term
                                                     _tasks(st_b, store_b, task_column))
     result = analysis.analyze(sketches, tasks, hyp, layout=st.layout, kind=similarity,
                               group_by=group_by, n_boot=n_boot, n_perm=n_perm,
-                              n_splits=n_splits, seed=seed, sketch_b=sketch_b, tasks_b=tasks_b)
+                              n_splits=n_splits, seed=seed, ci_method=ci_method,
+                              sketch_b=sketch_b, tasks_b=tasks_b)
     provenance = analysis.provenance_from_manifest(st.manifest)
     provenance["store"] = os.path.abspath(store)
     if store_b:
@@ -106,7 +109,7 @@ def main(argv: list[str]) -> None:
     paths = run_task_space(FLAGS.store, FLAGS.workdir, FLAGS.hypothesis,
                            similarity=FLAGS.similarity, group_by=FLAGS.group_by,
                            n_boot=FLAGS.n_boot, n_perm=FLAGS.n_perm, n_splits=FLAGS.n_splits,
-                           seed=FLAGS.seed, store_b=FLAGS.store_b, task_column=FLAGS.task_column,
+                           seed=FLAGS.seed, ci_method=FLAGS.ci_method, store_b=FLAGS.store_b, task_column=FLAGS.task_column,
                            allow_incomplete=FLAGS.allow_incomplete, nonfinite=FLAGS.nonfinite)
     print(f"report: {paths['report']}")
 

@@ -53,7 +53,7 @@ class TaskSpaceResult:
 def analyze(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarray, hypothesis: Hypothesis, *,
             layout: Sequence[Mapping[str, Any]] | None = None, kind: str = "cosine",
             group_by: str = "layer", n_boot: int = 200, n_perm: int = 1000, n_splits: int = 20,
-            seed: int = 0, alpha: float = 0.05, sketch_b: np.ndarray | None = None,
+            seed: int = 0, alpha: float = 0.05, ci_method: str = "percentile", sketch_b: np.ndarray | None = None,
             tasks_b: Sequence[Any] | None = None) -> TaskSpaceResult:
     """Task space of ``sketch_nk`` compared with ``hypothesis``; optional second store
     (``sketch_b``/``tasks_b``, same tasks) for the sketch-error check.
@@ -79,7 +79,7 @@ def analyze(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarray, hypothesis
                                                kind)
     _, _, pcos = pair_cosine_matrix(sketch_nk, labels)
     boot = bootstrap_similarity(sketch_nk, labels, n_boot=n_boot, seed=seed, kind=kind,
-                                alpha=alpha)
+                                alpha=alpha, method=ci_method)
     rel = split_half_reliability(sketch_nk, labels, n_splits=n_splits, seed=seed, kind=kind)
 
     stats: dict[str, StatResult] = {}
@@ -100,7 +100,7 @@ def analyze(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarray, hypothesis
         names_b, means_b = task_means(sketch_b, tasks_b)
         check = compare_task_spaces(sim, similarity(means_b, kind), names, names_b)
     settings = dict(kind=kind, group_by=group_by, n_boot=n_boot, n_perm=n_perm,
-                    n_splits=n_splits, seed=seed, alpha=alpha, k=int(sketch_nk.shape[1]),
+                    n_splits=n_splits, seed=seed, alpha=alpha, ci_method=ci_method, k=int(sketch_nk.shape[1]),
                     n_pairs=int(sketch_nk.shape[0]), n_tasks=int(len(names)))
     return TaskSpaceResult(names, counts, kind, sim, pcos, group_by, groups, global_only, boot,
                            rel, hypothesis, stats, check, settings)
@@ -131,6 +131,10 @@ def stats_dict(result: TaskSpaceResult, provenance: Mapping[str, Any] | None = N
         "tests": {k: v.as_dict() for k, v in result.stats.items()},
         "reliability": result.reliability.as_dict(),
         "bootstrap": {"n_boot": result.bootstrap.n_boot, "alpha": result.bootstrap.alpha,
+                      "method": result.bootstrap.method,
+                      "n_estimate_outside": int(np.sum(
+                          (result.similarity[iu] < result.bootstrap.low[iu])
+                          | (result.similarity[iu] > result.bootstrap.high[iu]))),
                       "ci_width_median": float(np.nanmedian(bw[iu])) if np.isfinite(bw[iu]).any()
                       else None,
                       "ci_width_max": float(np.nanmax(bw[iu])) if np.isfinite(bw[iu]).any()

@@ -120,6 +120,12 @@ def _summary(result: "TaskSpaceResult", summary: Mapping[str, Any]) -> list[str]
     lines.append(f"- Off-diagonal similarities range from {np.nanmin(off):.3f} to "
                  f"{np.nanmax(off):.3f} (mean {np.nanmean(off):.3f}); the median 95% bootstrap "
                  f"interval width is {_fmt(summary['bootstrap']['ci_width_median'])}.")
+    outside = summary["bootstrap"].get("n_estimate_outside") or 0
+    if outside:
+        lines.append(f"- For {outside} of {len(off)} entries the estimate lies outside its "
+                     "bootstrap interval: cosines of resampled means are biased toward 0, and "
+                     "here the bias is large against the spread; treat those intervals as "
+                     "approximate (`--ci_method=bc` reduces this).")
     if result.sketch_check is not None:
         lines.append(f"- Sketch-error check against a second store: {result.sketch_check.interpretation}.")
     if len(result.stats) > 1:
@@ -193,7 +199,7 @@ def render(result: "TaskSpaceResult", summary: Mapping[str, Any],
                f"± {_fmt(rel.r_half_sd)}) | | {rel.n_tasks} tasks | {rel.interpretation} |")
     b = summary["bootstrap"]
     out.append(f"| bootstrap CI width (median / max) | {_fmt(b['ci_width_median'])} / "
-               f"{_fmt(b['ci_width_max'])} | | {b['n_boot']} resamples | percentile intervals, "
+               f"{_fmt(b['ci_width_max'])} | | {b['n_boot']} resamples | {b['method']} intervals, "
                f"level {1 - b['alpha']:.0%}, pairs resampled within tasks |")
     if result.sketch_check is not None:
         c = result.sketch_check

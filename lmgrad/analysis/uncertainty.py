@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats as sps
 
 from lmgrad.analysis.space import (_group_sums, check_sketches, require_pairs, require_tasks,
                                    similarity, task_index)
@@ -29,6 +30,7 @@ class BootstrapResult:
     alpha: float
     n_boot: int
     counts: np.ndarray    # [T] pairs per task
+    method: str = "percentile"
 
     @property
     def width(self) -> np.ndarray:
@@ -42,9 +44,13 @@ def _task_blocks(sketch_nk: np.ndarray, idx: np.ndarray, t: int) -> list[np.ndar
 def bootstrap_similarity(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarray, *,
                          n_boot: int = 200, seed: int = 0, kind: str = "cosine",
                          alpha: float = 0.05, min_pairs: int = MIN_BOOT_PAIRS,
-                         chunk: int = 16) -> BootstrapResult:
+                         method: str = "percentile", chunk: int = 16) -> BootstrapResult:
     """Percentile CIs (level 1 − alpha) for each similarity entry, resampling pairs per task.
 
+    ``method="percentile"`` gives plain percentile intervals; ``"bc"`` bias-corrects them, which
+    matters for cosines of means: they shrink toward 0 under resampling, so a plain percentile
+    interval can sit entirely below the estimate for weak, noisy tasks. Neither method can
+    contain an estimate that exceeds every resample (strongly aligned, noisy tasks).
     Each resample draws every task's pairs with replacement (multinomial counts, seeded), takes
     the weighted means and recomputes the matrix. Tasks with < 2 pairs raise (ValueError naming
     them); tasks with < ``min_pairs`` get NaN intervals in their rows and columns, with a warning.
@@ -72,10 +78,20 @@ def bootstrap_similarity(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarra
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 samples[s + j] = similarity(means_btk[j], kind)
-    q = 100 * np.array([alpha / 2, 1 - alpha / 2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices for zero-vector tasks
-        low, high = np.nanpercentile(samples, q, axis=0)
+    estimate = similarity(_group_sums(sketch_nk, idx, t) / counts[:, None], kind)
+    if method == "percentile":
+        q_lo = np.full((t, t), alpha / 2)
+        q_hi = np.full((t, t), 1 - alpha / 2)
+    elif method == "bc":
+        # Bias-corrected percentile (Efron 1987): the cosine of resampled means is biased toward
+        # 0 (resampling noise inflates norms), so plain percentiles can exclude the estimate.
+        below = (samples < estimate).mean(0) + 0.5 * (samples == estimate).mean(0)
+        z0 = sps.norm.ppf(np.clip(below, 1 / (n_boot + 1), n_boot / (n_boot + 1)))
+        q_lo = sps.norm.cdf(2 * z0 + sps.norm.ppf(alpha / 2))
+        q_hi = sps.norm.cdf(2 * z0 + sps.norm.ppf(1 - alpha / 2))
+    else:
+        raise ValueError(f"method: expected 'percentile' or 'bc', got {method!r}")
+    low, high = _entry_quantiles(samples, q_lo), _entry_quantiles(samples, q_hi)
     few = counts < min_pairs
     if few.any():
         warnings.warn(f"bootstrap: fewer than {min_pairs} pairs in "
@@ -83,8 +99,20 @@ def bootstrap_similarity(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarra
                       "their CIs are NaN", stacklevel=2)
         low[few, :] = low[:, few] = np.nan
         high[few, :] = high[:, few] = np.nan
-    estimate = similarity(_group_sums(sketch_nk, idx, t) / counts[:, None], kind)
-    return BootstrapResult(names, estimate, low, high, samples, alpha, n_boot, counts)
+    return BootstrapResult(names, estimate, low, high, samples, alpha, n_boot, counts, method)
+
+
+def _entry_quantiles(samples_btt: np.ndarray, q_tt: np.ndarray) -> np.ndarray:
+    """Per-entry quantile (linear interpolation, NaNs ignored) at a per-entry level q."""
+    srt = np.sort(samples_btt, axis=0)  # NaNs sort last
+    n_ok = np.isfinite(srt).sum(0)
+    pos = q_tt * np.maximum(n_ok - 1, 0)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, np.maximum(n_ok - 1, 0))
+    frac = pos - lo
+    a = np.take_along_axis(srt, lo[None], 0)[0]
+    b = np.take_along_axis(srt, hi[None], 0)[0]
+    return np.where(n_ok > 0, a + frac * (b - a), np.nan)
 
 
 def offdiag(mat_tt: np.ndarray) -> np.ndarray:
