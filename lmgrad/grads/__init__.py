@@ -1,0 +1,28 @@
+"""Gradient differentials ∇ℓ(good) − ∇ℓ(bad) of minimal pairs: per example, sketched, task means,
+on one device or a mesh. See `differential.py` for conventions and `mesh.py` for sharding."""
+
+from lmgrad.grads.checks import NonFiniteGradientError, check_finite
+from lmgrad.grads.differential import (
+    as_arrays,
+    make_batch_grad_fn,
+    make_per_example_fn,
+    make_sketch_fn,
+    pair_loss_diff,
+    per_example_reference,
+    task_mean_differential,
+)
+from lmgrad.grads.mesh import (
+    make_mesh,
+    param_shardings,
+    replicate,
+    sharded_per_example_fn,
+    sharded_sketch_fn,
+)
+from lmgrad.grads.select import layers, select_params, split_params
+
+__all__ = [
+    "NonFiniteGradientError", "as_arrays", "check_finite", "layers", "make_batch_grad_fn", "make_mesh",
+    "make_per_example_fn", "make_sketch_fn", "pair_loss_diff", "param_shardings", "per_example_reference",
+    "replicate", "select_params", "sharded_per_example_fn", "sharded_sketch_fn", "split_params",
+    "task_mean_differential",
+]
