@@ -114,7 +114,8 @@ def _dense_leaf(g: Array, keys: Array, *, k: int, block: int, gaussian: bool) ->
         m_blk = gen(keys, c0, k, width)
         return acc + jnp.einsum("bn,kn->bk", g_blk, m_blk, precision="highest", preferred_element_type=jnp.float32)
 
-    return _blocked(n, min(block, n), step, jnp.zeros((b, k), jnp.float32))
+    # zeros_like keeps g's device-variance, so the loop carry type-checks inside shard_map.
+    return _blocked(n, min(block, n), step, jnp.zeros_like(g, shape=(b, k), dtype=jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "s", "block"))
@@ -128,7 +129,7 @@ def _sjlt_leaf(g: Array, keys: Array, *, k: int, s: int, block: int) -> Array:
         upd = signs[:, :, None] * g_nb[None, :, :]  # [s, width, B]
         return acc_kb.at[rows.reshape(-1)].add(upd.reshape(-1, b), indices_are_sorted=False, unique_indices=False)
 
-    return _blocked(n, min(block, n), step, jnp.zeros((k, b), jnp.float32)).T
+    return _blocked(n, min(block, n), step, jnp.zeros_like(g, shape=(k, b), dtype=jnp.float32)).T
 
 
 # ------------------------------------------------------------------------------------ projectors
@@ -147,6 +148,8 @@ class Projector(abc.ABC):
     kind: ClassVar[str]
 
     def __post_init__(self) -> None:
+        if self.k is None and self.kind != "identity":
+            raise ValueError(f"projector {self.kind!r}: k must be a positive integer, got None")
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k <= 0):
             raise ValueError(f"projector {self.kind!r}: k must be a positive integer, got {self.k!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
