@@ -1,0 +1,51 @@
+r"""The main job: BLiMP on SmolLM2-135M (embedded default) → scores, sketches, task space, report.
+
+  python launch/pipeline.py --config=configs/default.py --workdir=runs/default
+  python launch/pipeline.py --config=configs/default.py:smoke --workdir=runs/smoke   # seconds-scale
+
+Arguments after ':' select a variant: `smoke` shrinks everything (a handful of tasks and pairs).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "smollm2"  # HF dir, hub id[@revision], .gguf file, or 'smollm2'
+    c.dtype = "float32"
+    c.tasks = "blimp"  # see lmgrad.tasks.select_tasks
+    c.max_pairs_per_task = 12
+    c.seed = 0  # pair sample
+    c.bos = "auto"
+
+    c.evaluate = ml_collections.ConfigDict(dict(enabled=True, batch_size=32))
+
+    c.sketch = ml_collections.ConfigDict()
+    c.sketch.method = "factored"  # factored (Kronecker, per module) | exact (vmap(grad) + projector)
+    c.sketch.projector = "sjlt"  # exact path: identity | gaussian | rademacher | sjlt
+    c.sketch.k = 8192  # exact path: sketch size; factored path: optional global second stage (0 = off)
+    c.sketch.r_in = 16  # factored path: per-module projection sizes (block = r_out · r_in)
+    c.sketch.r_out = 16
+    c.sketch.seed = 0
+    c.sketch.include = ()  # HF-name patterns; empty = all parameters
+    c.sketch.exclude = ()
+    c.sketch.from_first_difference = False
+    c.sketch.batch_size = 16
+    c.sketch.chunk_size = 4  # exact path: examples per vmap micro-batch (bounds memory)
+    c.sketch.shard_rows = 256
+
+    c.task_space = ml_collections.ConfigDict(
+        dict(hypothesis="linguistics_term", similarity="cosine", n_boot=200, n_perm=2000, seed=0)
+    )
+
+    if arg == "smoke":
+        c.tasks = "blimp:anaphor_gender_agreement,anaphor_number_agreement,npi_present_1,npi_present_2,wh_island,adjunct_island"
+        c.max_pairs_per_task = 4
+        c.sketch.shard_rows = 8
+        c.task_space.n_boot = 20
+        c.task_space.n_perm = 200
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown config variant {arg!r}; known: smoke")
+    return c

@@ -1,0 +1,181 @@
+"""The sketch job: every minimal pair → one row (a sketch of ∇ℓ(good) − ∇ℓ(bad)) in a run store.
+
+`run_sketch` is what `launch/sketch.py` and `launch/pipeline.py` call. Rows are produced in a
+deterministic order (tasks sorted, pairs bucketed by length), written in shards at batch
+boundaries, so a killed run resumed with `resume=True` skips exactly the committed rows and ends
+with the rows of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from lmgrad import provenance
+from lmgrad.grads import check_finite, make_mesh, select_params, sharded_sketch_fn
+from lmgrad.models.loading import LoadedModel, flatten_params, logits_fn
+from lmgrad.sketch import make_projector
+from lmgrad.store import StoreWriter
+from lmgrad.tasks import Task, encode_pairs, iter_pair_batches, task_provenance
+
+log = logging.getLogger(__name__)
+
+METHODS = ("exact", "factored")
+
+
+@dataclasses.dataclass(frozen=True)
+class SketchOptions:
+    """What to sketch and how; everything here goes into the store's config (checked on resume)."""
+
+    method: str = "exact"  # exact: vmap(grad) + projector; factored: Kronecker per linear layer
+    projector: str = "sjlt"
+    k: int = 4096
+    seed: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    from_first_difference: bool = False
+    r_in: int = 16
+    r_out: int = 16
+    bos: str = "auto"
+    dtype: str = "float32"  # stored row dtype
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown sketch method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.k is None or int(self.k) < 0 or (self.method == "exact" and self.projector != "identity" and int(self.k) <= 0):
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"store dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclasses.dataclass
+class Sketcher:
+    """A compiled fn(params, good, bad) → [B, K] plus what a manifest must say about it."""
+
+    fn: Callable[[Any, Any, Any], jax.Array]
+    k: int
+    layout: list[dict[str, Any]]
+    spec: dict[str, Any]
+
+
+def build_sketcher(
+    model: LoadedModel,
+    opts: SketchOptions,
+    *,
+    chunk_size: int | None = 4,
+    num_devices: int | None = None,
+) -> Sketcher:
+    """Compiles the per-pair sketch function for `model` on a `data` mesh of local devices."""
+    names = list(flatten_params(model.params))
+    selected = select_params(names, list(opts.include) or None, list(opts.exclude) or None)
+    shapes = {n: tuple(v.shape) for n, v in flatten_params(model.params).items() if n in selected}
+    mesh = make_mesh(num_devices)
+    selection = {"include": list(opts.include), "exclude": list(opts.exclude), "n_selected": len(selected),
+                 "n_params": int(sum(int(np.prod(s)) for s in shapes.values()))}
+    if opts.method == "exact":
+        proj = make_projector(opts.projector, opts.k if opts.projector != "identity" else None, opts.seed)
+        fn = sharded_sketch_fn(logits_fn(model), selected, lambda g: proj.project(g, shapes), mesh,
+                               chunk_size=chunk_size)
+        return Sketcher(fn, proj.output_dim(shapes), proj.layout(shapes),
+                        {"method": "exact", "projector": proj.spec, "selection": selection})
+    from lmgrad.grads.factored import FactoredSpec, make_factored_sketch_fn, sharded_factored_sketch_fn
+
+    spec = FactoredSpec(seed=opts.seed, r_in=opts.r_in, r_out=opts.r_out, include=tuple(opts.include),
+                        exclude=tuple(opts.exclude), global_k=int(opts.k) or None)
+    fn, layout = sharded_factored_sketch_fn(model, spec, mesh)
+    k = int(sum(b["size"] for b in layout))
+    return Sketcher(fn, k, layout, {"method": "factored", "factored": spec.spec, "selection": selection})
+
+
+def store_config(model: LoadedModel, tasks: Sequence[Task], opts: SketchOptions, sketcher: Sketcher) -> dict[str, Any]:
+    """The store config: everything that must match for rows to be mixed in one store."""
+    info = provenance.run_info()
+    return {
+        "model": model.provenance,
+        "tasks": task_provenance(tasks),
+        "sketch": sketcher.spec,
+        "loss": {"kind": "sentence NLL differential ℓ(good) − ℓ(bad)",
+                 "tokens": "from_first_difference" if opts.from_first_difference else "whole_sentence",
+                 "bos": opts.bos},
+        "lmgrad_version": info["lmgrad_version"],
+        "git_commit": info["git_commit"],
+    }
+
+
+def run_sketch(
+    model: LoadedModel,
+    tasks: Sequence[Task],
+    workdir: str,
+    opts: SketchOptions,
+    *,
+    batch_size: int = 16,
+    chunk_size: int | None = 4,
+    shard_rows: int = 256,
+    resume: bool = False,
+    num_devices: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Sketches every pair of `tasks` into the store at `workdir`; returns timing facts.
+
+    `max_batches` stops early (for tests of crash/resume); the store is then incomplete.
+    """
+    if model.tokenizer is None:
+        raise ValueError(f"{model.spec}: model was loaded without a tokenizer")
+    pairs = [p for t in tasks for p in t.pairs]
+    if not pairs:
+        raise ValueError("no pairs to sketch")
+    good, bad, sg, sb = encode_pairs(model.tokenizer, pairs, bos=opts.bos, max_length=model.max_length,
+                                     from_first_difference=opts.from_first_difference)
+    sketcher = build_sketcher(model, opts, chunk_size=chunk_size, num_devices=num_devices)
+    config = store_config(model, tasks, opts, sketcher)
+    writer = StoreWriter(workdir, config=config, k=sketcher.k, dtype=opts.dtype, layout=sketcher.layout,
+                         total_rows=len(pairs), resume=resume)
+    skip = writer.rows_done
+    if progress is not None and skip:
+        progress(skip)
+    buf_rows: list[np.ndarray] = []
+    buf_meta: list[dict[str, Any]] = []
+    done = 0
+    t0 = time.perf_counter()
+    n_batches = 0
+
+    def flush() -> None:
+        if buf_rows:
+            writer.write(np.concatenate(buf_rows), list(buf_meta))
+            buf_rows.clear()
+            buf_meta.clear()
+
+    with writer:
+        for g, b in iter_pair_batches(good, bad, batch_size=batch_size, score_from_good=sg,
+                                      score_from_bad=sb, max_len=model.max_length):
+            n_valid = int(g.valid.sum())
+            if skip:
+                if skip < n_valid:
+                    raise RuntimeError(f"{workdir}: committed rows ({writer.rows_done}) do not end at a batch "
+                                       "boundary; was the store written with another batch size?")
+                skip -= n_valid
+                continue
+            if max_batches is not None and n_batches >= max_batches:
+                break
+            rows = np.asarray(sketcher.fn(model.params, g, b), dtype=np.float32)
+            check_finite(rows, g.index, pairs)
+            idx = g.index[g.valid]
+            buf_rows.append(rows[g.valid])
+            buf_meta.extend({"UID": pairs[i].UID, "pairID": pairs[i].pairID, "field": pairs[i].field,
+                             "linguistics_term": pairs[i].linguistics_term} for i in idx)
+            done += n_valid
+            n_batches += 1
+            if progress is not None:
+                progress(n_valid)
+            if sum(len(r) for r in buf_rows) >= shard_rows:
+                flush()
+        flush()
+    elapsed = time.perf_counter() - t0
+    return {"pairs": done, "seconds": elapsed, "pairs_per_s": done / max(elapsed, 1e-9), "k": sketcher.k,
+            "rows_total": writer.rows_done, "complete": writer.rows_done == len(pairs)}
