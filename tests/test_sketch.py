@@ -228,12 +228,13 @@ def test_identity_roundtrip_and_layout():
 
 
 def test_spec_roundtrip_is_json_and_rebuilds_the_same_projection():
-    grads = _grads(SHAPES, batch=2)
+    grads = _grads(SHAPES, batch=5)  # shapes, k and block size as in test_project_matches_dense_reference: no recompiles
     for kind, opts in RANDOM_KINDS + [("identity", {})]:
-        proj = make_projector(kind, None if kind == "identity" else 16, seed=42, **opts)
+        proj = make_projector(kind, None if kind == "identity" else 32, seed=42, **opts)
         spec = json.loads(json.dumps(proj.spec))
         assert spec["kind"] == kind and spec["seed"] == 42 and spec["generator"] == GENERATOR_VERSION
-        again = Projector.from_spec(spec, block_size=3)
+        again = Projector.from_spec(spec, block_size=64)
+        assert again.block_size == 64
         assert type(again) is type(proj) and again.spec == proj.spec
         np.testing.assert_allclose(np.asarray(again.project(grads)), np.asarray(proj.project(grads)), rtol=1e-5, atol=1e-5)
         assert proj.layout(SHAPES)[-1]["offset"] + proj.layout(SHAPES)[-1]["size"] == proj.output_dim(SHAPES)
@@ -250,6 +251,9 @@ def test_bad_inputs_give_clear_errors():
             make_projector("rademacher", k, 0)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         make_projector("gaussian", None, 0)
+    from lmgrad.sketch import GaussianProjector
+    with pytest.raises(ValueError, match="'gaussian': k must be a positive integer, got None"):
+        GaussianProjector(k=None)
     with pytest.raises(ValueError, match="s=3 must divide k=16"):
         make_projector("sjlt", 16, 0, s=3)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['s'\]"):

@@ -13,15 +13,18 @@ Kinds (E⟨Px, Py⟩ = ⟨x, y⟩ for all):
 * ``rademacher`` – entries ±1/√k.
 * ``sjlt`` – sparse JL / CountSketch: ``s`` nonzeros ±1/√s per column, one in each of s row bands.
 
-Where the dense kinds stop being practical. They cost k·n generated entries per batch (the
-contraction itself, 2·B·k·n flops, is cheaper than generation for B ≲ 16). Measured on the 2-core
-dev CPU (``bench/results/projectors.jsonl``): the hashed Rademacher path runs at ~2 G entries/s,
-Gaussian (Box–Muller) at ~0.4 G entries/s, threefry ``jax.random.normal`` alone at ~0.1 G/s, and a
-pre-materialised ``g @ W.T`` is memory-bound at ~0.3 G entries/s (and W does not fit: 124M × 4096
-float32 is 2 TB). So a 124M-parameter model at k = 4096 needs 5·10¹¹ entries per batch: ~4 min
-(Rademacher) to ~20 min (Gaussian) per batch on this CPU; an accelerator is ~100× faster but the
-scaling is the same. Use dense kinds per module or for small k·n (≲ 10¹⁰ per batch); for the global
-projection of a large model use ``sjlt``: O(B·s·n) work, independent of k.
+Where the dense kinds stop being practical. They cost k·n generated entries per batch; the
+contraction itself (2·B·k·n flops) is cheaper than generation for B ≲ 16. Measured with
+``bench/bench_projectors.py`` on the 2-core dev CPU (``bench/results/projectors.jsonl``; the machine was
+shared, so ranges): hashed Rademacher projection 1–3 G entries/s, hashed Gaussian (Box–Muller)
+0.3–0.7 G/s, blocked ``jax.random.normal`` threefry 0.07–0.16 G/s (``rbg``/``unsafe_rbg`` generate only
+0.03–0.06 G/s here), and a pre-materialised ``g @ W.T`` is memory-bound at 0.2–1.5 G/s, and W does
+not fit beyond toy sizes (124M × 4096 float32 is 2 TB). A 124M-parameter model at k = 4096 means
+5·10¹¹ entries per batch: ~4 min (Rademacher) to ~15 min (Gaussian) per batch on this CPU, whatever
+the batch size up to ~16; an accelerator is faster by a constant, not by the scaling. Use the dense
+kinds per module or where k·n ≲ 10¹⁰ per batch. **For the global projection of a large model use
+``sjlt``**: O(B·s·n) work independent of k — [8, 10⁷] → k = 4096 in ~0.03 s (s = 1) / ~0.14 s (s = 4),
+so ~0.4 s / ~2 s per batch of 8 for 124M parameters.
 """
 from __future__ import annotations
 
