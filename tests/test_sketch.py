@@ -65,8 +65,24 @@ def test_jnp_generators_match_numpy_twins(c0):
     keys = hashing.param_keys(7, "some.param", "x")
     karr = jnp.asarray(hashing.keys_array(keys))
     c = jnp.uint32(c0)
-    np.testing.assert_array_equal(np.asarray(hashing.rademacher_block(karr, c, 9, 33)), hashing.np_rademacher_block(keys, c0, 9, 33))
-    np.testing.assert_allclose(np.asarray(hashing.gaussian_block(karr, c, 9, 33)), hashing.np_gaussian_block(keys, c0, 9, 33), rtol=2e-6, atol=2e-6)
+    rad = jax.jit(hashing.rademacher_block, static_argnums=(2, 3))
+    gau = jax.jit(hashing.gaussian_block, static_argnums=(2, 3))
+    np.testing.assert_array_equal(np.asarray(rad(karr, c, 9, 33)), hashing.np_rademacher_block(keys, c0, 9, 33))
+    np.testing.assert_allclose(np.asarray(gau(karr, c, 9, 33)), hashing.np_gaussian_block(keys, c0, 9, 33), rtol=2e-6, atol=2e-6)
+
+
+def test_names_and_seeds_share_compiled_code():
+    """Keys are traced arguments, not constants: a model with hundreds of same-shaped parameters
+    compiles each leaf contraction once per shape, not once per name or seed."""
+    from lmgrad.sketch import projectors
+
+    g = jnp.ones((2, 53), jnp.float32)
+    make_projector("rademacher", 8, seed=0).project_leaf("warmup", g)
+    before = projectors._dense_leaf._cache_size()
+    for seed in range(3):
+        for name in ("a.weight", "b.weight", "c.weight"):
+            make_projector("rademacher", 8, seed=seed).project_leaf(name, g)
+    assert projectors._dense_leaf._cache_size() == before
 
 
 def test_gaussian_matrix_is_the_gaussian_projector_block():
