@@ -1,0 +1,608 @@
+"""Kronecker-factored sketches of per-example gradient differentials, without building the gradients.
+
+For a linear map y = W x (W: in → out) the per-example gradient is G = Σ_t δ_t x_tᵀ with δ_t = ∂ℓ/∂y_t,
+so its factored sketch
+
+    S = P_out G P_inᵀ = Σ_t (P_out δ_t)(P_in x_t)ᵀ            [r_out, r_in] = (P_out ⊗ P_in)·vec(G)
+
+needs only the layer inputs x and output gradients δ. The layers sow x and perturb y
+(`lmgrad.models.layers`), so ONE batched backward of Σ_b [ℓ(good_b) − ℓ(bad_b)] with respect to
+the (zero) perturbations yields δ for every example and token at once: no weight-gradient matmul
+and no per-example copy of the parameters. Rows are independent in the forward pass, so row b's δ
+is exactly the gradient of its own loss; bad rows carry the −1 sign, and the pair's differential
+sketch is the sum of its good and bad rows' sketches (linearity).
+
+Conventions (what each block of the [B, K] sketch is; one block per parameter, sorted HF names):
+
+* Projections are pure functions of (seed, name, shape, r): ``P_in = gaussian_matrix(seed,
+  f"{weight}/in", r_in, in) / √r_in`` and ``P_out = gaussian_matrix(seed, f"{weight}/out", r_out,
+  out) / √r_out`` with ``weight`` the module's HF weight name. Entries N(0, 1/r), independent, so
+  E[PᵀP] = I and E⟨S_a, S_b⟩ = ⟨G_a, G_b⟩ (Kronecker of independent isotropic maps).
+* Every weight block is ``[r_out, r_in] = P_out G P_inᵀ`` with G in the layer's (out, in)
+  orientation. `Linear` stores W as [out, in] (HF layout = G). GPT-2's `Conv1D` stores W as
+  [in, out]; its block is P_out G_hfᵀ P_inᵀ, i.e. the same (out, in) orientation.
+* Embedding tables E [num, dim] are treated as the weight of the output head logits = h Eᵀ
+  (out = num rows, in = dim), so the block is P_out G_hf P_inᵀ with P_out over the vocabulary.
+  The lookup's input is one-hot, so P_out x_t is the column P_out[:, id_t]; its δ lives in the
+  `dim` space and is projected by P_in. With tied embeddings the head use (δ = ∂ℓ/∂logits,
+  x = final hidden state) adds to the same block with the same matrices, so the block is the
+  sketch of the total gradient of the shared parameter.
+* ``handle_vectors`` (non-matrix parameters):
+  - ``"project"`` (default): a Linear/Conv1D bias has gradient Σ_t δ_t; its block is
+    P_out Σ_t δ_t [r_out] with the layer's own P_out (exact, and free: P_out δ_t is computed for
+    the weight anyway). Norm weights γ (LayerNorm, RMSNorm) have the exact per-example gradient
+    Σ_t δ_t ⊙ x̂_t (x̂ = the normalised input, recomputed with the module's formula) and
+    LayerNorm biases Σ_t δ_t; both are projected with ``P = gaussian_matrix(seed,
+    f"{norm weight}/out", r_out, d) / √r_out`` (the ``norm`` module type's r_out).
+  - ``"exact"``: the same per-example vector gradients, unprojected (size n each).
+  - ``"exclude"``: no vector parameters.
+* ``global_k``: a second stage, ``make_projector("sjlt", global_k, seed)`` over the per-parameter
+  blocks (each block a "leaf" named by its parameter), giving one ``global`` block of width k.
+
+Padding tokens and padding rows contribute exactly zero (projected factors are masked). The
+returned function's `.core` is pure and shape-polymorphic in B, for jit or shard_map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm
+from lmgrad.models.loading import flatten_params
+from lmgrad.scoring import sequence_logprob
+from lmgrad.sketch import hashing
+from lmgrad.sketch.projectors import gaussian_matrix, make_projector
+
+Array = jax.Array
+Layout = list[dict[str, Any]]
+
+VECTOR_POLICIES = ("project", "exact", "exclude")
+MODULE_TYPES = ("embed", "head", "attn", "mlp", "norm", "other")
+_FIELDS = ("input_ids", "attention_mask", "target_mask")
+_HIGHEST = jax.lax.Precision.HIGHEST
+_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (Linear, "linear"), (Conv1D, "conv1d"), (Embedding, "embedding"), (LayerNorm, "layernorm"), (RMSNorm, "rmsnorm"),
+)
+_HEAD_NAMES = ("lm_head", "embed_out")
+
+
+# ----------------------------------------------------------------------------------------- spec
+@dataclasses.dataclass(frozen=True)
+class FactoredSpec:
+    """What a factored sketch is; `spec` is its JSON form for a run manifest.
+
+    Attributes:
+      seed: projection seed.
+      r_in, r_out: default factor ranks (a weight block is r_out × r_in).
+      overrides: ((key, r_in, r_out), ...), first match wins. ``key`` is a module type from
+        `MODULE_TYPES` (embed, head, attn, mlp, norm, other) or a pattern over the module's HF
+        weight name: a glob (`fnmatch`, ``*`` crosses dots) or ``re:<regex>`` (full match). A
+        mapping {key: (r_in, r_out)} is accepted and kept in insertion order.
+      include, exclude: patterns over HF parameter names (same syntax); None includes all.
+      handle_vectors: "project" | "exact" | "exclude" (module docstring).
+      global_k: optional width of a second, sparse-JL stage over the concatenated blocks.
+      global_s: nonzeros per column of that stage.
+    """
+
+    seed: int = 0
+    r_in: int = 16
+    r_out: int = 16
+    overrides: Any = ()
+    include: Any = None
+    exclude: Any = ()
+    handle_vectors: str = "project"
+    global_k: int | None = None
+    global_s: int = 1
+
+    def __post_init__(self) -> None:
+        ov = self.overrides
+        if isinstance(ov, Mapping):
+            ov = tuple((k, *v) for k, v in ov.items())
+        ov = tuple(tuple(o) for o in ov)
+        for o in ov:
+            if len(o) != 3 or not isinstance(o[0], str) or not all(_pos_int(v) for v in o[1:]):
+                raise ValueError(f"FactoredSpec.overrides: expected (key, r_in, r_out) with positive ints, got {o!r}")
+        object.__setattr__(self, "overrides", tuple((o[0], int(o[1]), int(o[2])) for o in ov))
+        for field in ("include", "exclude"):
+            v = getattr(self, field)
+            if isinstance(v, str):
+                v = (v,)
+            object.__setattr__(self, field, None if v is None else tuple(v))
+        for field in ("r_in", "r_out", "global_s"):
+            if not _pos_int(getattr(self, field)):
+                raise ValueError(f"FactoredSpec.{field} must be a positive integer, got {getattr(self, field)!r}")
+        if self.global_k is not None and not _pos_int(self.global_k):
+            raise ValueError(f"FactoredSpec.global_k must be a positive integer or None, got {self.global_k!r}")
+        if self.handle_vectors not in VECTOR_POLICIES:
+            raise ValueError(f"FactoredSpec.handle_vectors must be one of {VECTOR_POLICIES}, got {self.handle_vectors!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"FactoredSpec.seed must be an integer, got {self.seed!r}")
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description; `FactoredSpec.from_spec(spec)` rebuilds it."""
+        return {
+            "kind": "factored", "seed": int(self.seed), "r_in": self.r_in, "r_out": self.r_out,
+            "overrides": [list(o) for o in self.overrides],
+            "include": None if self.include is None else list(self.include), "exclude": list(self.exclude),
+            "handle_vectors": self.handle_vectors, "global_k": self.global_k, "global_s": self.global_s,
+            "generator": hashing.GENERATOR_VERSION,
+        }
+
+    @staticmethod
+    def from_spec(spec: Mapping[str, Any]) -> "FactoredSpec":
+        if spec.get("kind") != "factored":
+            raise ValueError(f"not a factored sketch spec (kind={spec.get('kind')!r})")
+        if spec.get("generator") != hashing.GENERATOR_VERSION:
+            raise ValueError(
+                f"factored spec was made by generator {spec.get('generator')!r}; this lmgrad has "
+                f"{hashing.GENERATOR_VERSION!r} and would produce a different projection"
+            )
+        fields = {f.name for f in dataclasses.fields(FactoredSpec)}
+        return FactoredSpec(**{k: v for k, v in spec.items() if k in fields})
+
+    def ranks(self, weight_name: str, module_type: str) -> tuple[int, int]:
+        """(r_in, r_out) for the module whose HF weight is `weight_name`."""
+        for key, r_in, r_out in self.overrides:
+            if key == module_type or (key not in MODULE_TYPES and _matches(weight_name, key)):
+                return r_in, r_out
+        return self.r_in, self.r_out
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+# --------------------------------------------------------------------------- model description
+@dataclasses.dataclass(frozen=True)
+class _Module:
+    prefix: str  # HF module path, e.g. "model.layers.0.mlp.down_proj"
+    kind: str  # linear | conv1d | embedding | layernorm | rmsnorm
+    weight: str  # HF name of the weight (the projection names derive from it)
+    shape: tuple[int, ...]  # weight shape, HF layout
+    bias: str | None
+    type: str  # MODULE_TYPES entry
+    tied_head: bool = False  # embedding also used as the output head
+
+
+def _module_type(prefix: str, kind: str) -> str:
+    if kind == "embedding":
+        return "embed"
+    if kind in ("layernorm", "rmsnorm"):
+        return "norm"
+    last = prefix.split(".")[-1]
+    if last in _HEAD_NAMES:
+        return "head"
+    parts = prefix.split(".")
+    if any(p in ("attn", "self_attn", "attention") for p in parts):
+        return "attn"
+    if "mlp" in parts:
+        return "mlp"
+    return "other"
+
+
+def _flax_path_to_hf(path: Sequence[str]) -> str:
+    node: dict[str, Any] = {}
+    cur = node
+    for p in path:
+        cur = cur.setdefault(p, {})
+    cur["__leaf__"] = 0
+    (name,) = flatten_params(node)
+    return name[: -len(".__leaf__")]
+
+
+def describe_modules(module: nn.Module, params: Any) -> dict[str, _Module]:
+    """HF module path → description of every Linear/Conv1D/Embedding/norm module (shape-only trace)."""
+    kinds: dict[str, str] = {}
+    heads: set[str] = set()
+
+    def record(next_fun, args, kwargs, ctx):
+        for cls, kind in _KINDS:
+            if isinstance(ctx.module, cls):
+                prefix = _flax_path_to_hf(ctx.module.path)
+                if ctx.method_name == "__call__":
+                    kinds[prefix] = kind
+                elif ctx.method_name == "attend":
+                    heads.add(prefix)
+        return next_fun(*args, **kwargs)
+
+    ids = jnp.zeros((1, 4), jnp.int32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p: module.apply({"params": p}, ids, jnp.ones_like(ids)), params)
+    flat = flatten_params(params)
+    out = {}
+    for prefix, kind in sorted(kinds.items()):
+        w = f"{prefix}.weight"
+        b = f"{prefix}.bias" if f"{prefix}.bias" in flat else None
+        if w not in flat:
+            raise ValueError(f"factored: module {prefix} ({kind}) has no parameter {w}")
+        out[prefix] = _Module(prefix, kind, w, tuple(flat[w].shape), b, _module_type(prefix, kind), prefix in heads)
+    covered = {m.weight for m in out.values()} | {m.bias for m in out.values() if m.bias}
+    stray = sorted(set(flat) - covered)
+    if stray:
+        raise ValueError(f"factored: parameters not owned by a known layer type: {stray[:10]}")
+    return out
+
+
+def _io_dims(m: _Module) -> tuple[int, int]:
+    """(in, out) sizes of the module's factored orientation (see module docstring)."""
+    if m.kind == "conv1d":
+        return m.shape[0], m.shape[1]
+    if m.kind in ("linear", "embedding"):
+        return m.shape[1], m.shape[0]
+    return m.shape[0], m.shape[0]  # norms: vectors live in out space
+
+
+def factor_matrices(spec: FactoredSpec, m: _Module, dtype: Any = jnp.float32) -> tuple[Array, Array | None]:
+    """(P_out [r_out, out], P_in [r_in, in] or None for norms), scaled by 1/√r; pure in (seed, name, shape, r)."""
+    n_in, n_out = _io_dims(m)
+    r_in, r_out = spec.ranks(m.weight, m.type)
+    p_out = gaussian_matrix(spec.seed, f"{m.weight}/out", r_out, n_out, dtype) * (1 / math.sqrt(r_out))
+    if m.kind in ("layernorm", "rmsnorm"):
+        return p_out, None
+    p_in = gaussian_matrix(spec.seed, f"{m.weight}/in", r_in, n_in, dtype) * (1 / math.sqrt(r_in))
+    return p_out, p_in
+
+
+def _selected(spec: FactoredSpec, names: Sequence[str]) -> list[str]:
+    out = [
+        n for n in names
+        if (spec.include is None or any(_matches(n, p) for p in spec.include))
+        and not any(_matches(n, p) for p in spec.exclude)
+    ]
+    if not out:
+        raise ValueError(f"factored: no parameter selected by include={spec.include} exclude={spec.exclude}")
+    return out
+
+
+def _entries(spec: FactoredSpec, modules: Mapping[str, _Module]) -> list[dict[str, Any]]:
+    """One layout entry per sketched parameter, sorted by HF name (without offsets)."""
+    owner: dict[str, tuple[_Module, str]] = {}
+    for m in modules.values():
+        owner[m.weight] = (m, "weight")
+        if m.bias:
+            owner[m.bias] = (m, "bias")
+    out = []
+    for name in _selected(spec, sorted(owner)):
+        m, role = owner[name]
+        vector = role == "bias" or m.kind in ("layernorm", "rmsnorm")
+        if vector and spec.handle_vectors == "exclude":
+            continue
+        r_in, r_out = spec.ranks(m.weight, m.type)
+        if not vector:
+            shape = [r_out, r_in]
+        elif spec.handle_vectors == "exact":
+            shape = [_io_dims(m)[1]]
+        else:
+            shape = [r_out]
+        out.append({"name": name, "module": m.prefix, "kind": m.kind, "type": m.type, "role": role,
+                    "shape": shape, "size": math.prod(shape)})
+    if not out:
+        raise ValueError("factored: the selection holds no parameter to sketch")
+    return out
+
+
+def _with_offsets(entries: list[dict[str, Any]]) -> Layout:
+    offset, out = 0, []
+    for e in entries:
+        out.append({**e, "offset": offset})
+        offset += e["size"]
+    return out
+
+
+# ------------------------------------------------------------------------------- batch helpers
+def _as_arrays(batch: Any) -> dict[str, Array]:
+    get = (lambda k: batch[k]) if isinstance(batch, Mapping) else (lambda k: getattr(batch, k))
+    has = (lambda k: k in batch) if isinstance(batch, Mapping) else (lambda k: hasattr(batch, k))
+    out = {}
+    for k in _FIELDS:
+        if not has(k):
+            raise ValueError(f"batch lacks field {k!r} (needs {list(_FIELDS)}, optionally 'valid')")
+        out[k] = get(k)
+    shape = tuple(out["input_ids"].shape)
+    if len(shape) != 2:
+        raise ValueError(f"batch field 'input_ids' must be [B, T], got shape {shape}")
+    for k in _FIELDS[1:]:
+        if tuple(out[k].shape) != shape:
+            raise ValueError(f"batch field {k!r} has shape {tuple(out[k].shape)}, input_ids has {shape}")
+    valid = get("valid") if has("valid") and get("valid") is not None else np.asarray(out["attention_mask"]).any(1)
+    if tuple(np.shape(valid)) != shape[:1]:
+        raise ValueError(f"batch field 'valid' has shape {tuple(np.shape(valid))}, expected {shape[:1]}")
+    return {
+        "input_ids": jnp.asarray(out["input_ids"], jnp.int32),
+        "attention_mask": jnp.asarray(out["attention_mask"], jnp.int32),
+        "target_mask": jnp.asarray(out["target_mask"], jnp.float32),
+        "valid": jnp.asarray(valid, bool),
+    }
+
+
+def _sanitize(b: Mapping[str, Array]) -> dict[str, Array]:
+    """Padding rows: full attention mask, no targets (finite forward, zero loss)."""
+    v = b["valid"][:, None]
+    return {
+        "input_ids": jnp.where(v, b["input_ids"], 0),
+        "attention_mask": jnp.where(v, b["attention_mask"], 1),
+        "target_mask": jnp.where(v, b["target_mask"], 0.0),
+        "valid": b["valid"],
+    }
+
+
+# ------------------------------------------------------------------------------- capture hooks
+def _normalized(m: nn.Module, x: Array) -> Array:
+    """x̂ such that the norm's output is γ ⊙ x̂ (+ β): the formulas of `lmgrad.models.layers`."""
+    xf = x.astype(jnp.float32)
+    if isinstance(m, LayerNorm):
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        return (xf - mean) * jax.lax.rsqrt(var + m.eps)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + m.eps)
+    return y.astype(x.dtype)
+
+
+def _make_capture(rows: int) -> Callable[..., Any]:
+    """An interceptor adding what the layers do not record themselves: the token ids of embedding
+    lookups, and x̂ and a δ perturbation of every norm (norm weights are vectors; their per-example
+    gradient Σ_t δ_t ⊙ x̂_t is exact and cheap).
+
+    Lookups shared by the batch (position tables see ids [1, T]) are broadcast to `rows` rows
+    first, so their perturbation, hence δ, is per example rather than summed over the batch.
+    """
+
+    def capture(next_fun, args, kwargs, ctx):
+        m = ctx.module
+        if ctx.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if isinstance(m, Embedding):
+            ids = args[0]
+            if ids.ndim == 2 and ids.shape[0] != rows:
+                ids = jnp.broadcast_to(ids, (rows, ids.shape[1]))
+            if m.is_mutable_collection("intermediates"):
+                m.sow("intermediates", "ids", ids)
+            return next_fun(ids, *args[1:], **kwargs)
+        if isinstance(m, (LayerNorm, RMSNorm)):
+            y = next_fun(*args, **kwargs)
+            if m.is_mutable_collection("intermediates"):
+                m.sow("intermediates", "xhat", _normalized(m, args[0]))
+            return m.perturb("dy", y)
+        return next_fun(*args, **kwargs)
+
+    return capture
+
+
+def _one(value: Any, key: str) -> Array:
+    if value is None:
+        raise ValueError(f"factored: nothing captured at {key}")
+    if isinstance(value, tuple):
+        if len(value) != 1:
+            raise ValueError(f"factored: module {key} was called {len(value)} times; each layer must be used once")
+        return value[0]
+    return value
+
+
+# -------------------------------------------------------------------------------- fast path
+def _proj(a: Array, p: Array) -> Array:
+    """[N, T, n] @ P[r, n]ᵀ → [N, T, r] in float32."""
+    return jnp.einsum("ntd,rd->ntr", a, p.astype(a.dtype), precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _pair_outer(c: Array, a: Array) -> Array:
+    """Σ over (good, bad) rows and tokens of c ⊗ a: [2B, T, r_o], [2B, T, r_i] → [B, r_o, r_i]."""
+    n, t = c.shape[:2]
+    c2, a2 = c.reshape(2, n // 2, t, -1), a.reshape(2, n // 2, t, -1)
+    return jnp.einsum("sbto,sbti->boi", c2, a2, precision=_HIGHEST)
+
+
+def _pair_sum(v: Array) -> Array:
+    """[2B, T, r] → [B, r]: Σ over (good, bad) rows and tokens."""
+    n = v.shape[0]
+    return v.reshape(2, n // 2, *v.shape[1:]).sum(axis=(0, 2))
+
+
+def _module_blocks(
+    spec: FactoredSpec, m: _Module, want: set[str], inter: Mapping[str, Any], dys: Mapping[str, Array], tok: Array
+) -> dict[str, Array]:
+    """{param name: [B, size]} for one module from captured x / δ; tok [2B, T] token mask."""
+    p_out, p_in = factor_matrices(spec, m)
+    mask = tok[..., None]
+    z = lambda v: jnp.where(mask, v, 0.0)  # noqa: E731
+    out: dict[str, Array] = {}
+    b2 = tok.shape[0]
+    if m.kind in ("linear", "conv1d"):
+        x, dy = _one(inter.get(f"{m.prefix}.x"), m.prefix), dys[f"{m.prefix}.dy"]
+        c = z(_proj(dy, p_out))
+        if m.weight in want:
+            out[m.weight] = _pair_outer(c, z(_proj(x, p_in))).reshape(b2 // 2, -1)
+        if m.bias and m.bias in want:
+            out[m.bias] = _pair_sum(c) if spec.handle_vectors == "project" else _pair_sum(z(dy.astype(jnp.float32)))
+    elif m.kind == "embedding":
+        if m.weight in want:
+            ids = _one(inter.get(f"{m.prefix}.ids"), m.prefix)
+            dy = dys[f"{m.prefix}.dy"]
+            rows = jnp.take(p_out.T, ids, axis=0)  # P_out one-hot(id) = column id of P_out
+            s = _pair_outer(z(rows), z(_proj(dy, p_in)))
+            if m.tied_head:
+                h, dl = _one(inter.get(f"{m.prefix}.head_x"), m.prefix), dys[f"{m.prefix}.head_dy"]
+                s = s + _pair_outer(z(_proj(dl, p_out)), z(_proj(h, p_in)))
+            out[m.weight] = s.reshape(b2 // 2, -1)
+    else:  # layernorm / rmsnorm
+        xh, dy = _one(inter.get(f"{m.prefix}.xhat"), m.prefix), dys[f"{m.prefix}.dy"]
+        dy = z(dy.astype(jnp.float32))
+        gw = _pair_sum(dy * xh.astype(jnp.float32))
+        exact = spec.handle_vectors == "exact"
+        if m.weight in want:
+            out[m.weight] = gw if exact else jnp.einsum("bd,rd->br", gw, p_out, precision=_HIGHEST)
+        if m.bias and m.bias in want:
+            gb = _pair_sum(dy)
+            out[m.bias] = gb if exact else jnp.einsum("bd,rd->br", gb, p_out, precision=_HIGHEST)
+    return out
+
+
+class FactoredSketchFn:
+    """fn(params, good, bad) → (float32 [B, K] sketch of each pair's differential, layout).
+
+    `core(params, good, bad)` is the un-jitted pure function on sanitised-or-not array dicts with
+    fields input_ids, attention_mask, target_mask, valid (all [B, T] / [B]); it is shape-polymorphic
+    in B, so it can be jitted or wrapped in shard_map. `traces` counts jit traces.
+    """
+
+    def __init__(self, module: nn.Module, params: Any, spec: FactoredSpec):
+        self.module, self.spec = module, spec
+        self.modules = describe_modules(module, params)
+        entries = _entries(spec, self.modules)
+        self.block_layout = _with_offsets(entries)
+        if spec.global_k is None:
+            self.layout = self.block_layout
+        else:
+            self.layout = [{"name": "global", "offset": 0, "size": int(spec.global_k), "shape": [int(spec.global_k)]}]
+        self.dim = sum(e["size"] for e in self.layout)
+        self.traces = 0
+        self._jit = jax.jit(self._counted)
+
+    def _counted(self, params, good, bad):
+        self.traces += 1
+        return self.core(params, good, bad)
+
+    def core(self, params: Any, good: Mapping[str, Array], bad: Mapping[str, Array]) -> Array:
+        g, bd = _sanitize(good), _sanitize(bad)
+        cat = {k: jnp.concatenate([g[k], bd[k]], axis=0) for k in _FIELDS}
+        valid2 = jnp.concatenate([g["valid"], g["valid"]])
+        sign = jnp.concatenate([jnp.ones_like(g["target_mask"][:, 0]), -jnp.ones_like(bd["target_mask"][:, 0])])
+        sign = jnp.where(valid2, sign, 0.0)
+        ids, am = cat["input_ids"], cat["attention_mask"]
+
+        def run(pert):
+            variables = {"params": params} if pert is None else {"params": params, "perturbations": pert}
+            with nn.intercept_methods(_make_capture(ids.shape[0])):
+                return self.module.apply(
+                    variables, ids, am, mutable=["intermediates"] if pert is not None else ["perturbations"]
+                )
+
+        pert0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: run(None)[1]))
+        pert0 = pert0["perturbations"]
+
+        def loss(pert):
+            logits, state = run(pert)
+            nll = -sequence_logprob(logits, ids, cat["target_mask"])
+            return jnp.sum(sign * nll), state["intermediates"]
+
+        dpert, inter = jax.grad(loss, has_aux=True)(pert0)
+        dys, inter = flatten_params(dpert), flatten_params(inter)
+        tok = (am > 0) & valid2[:, None]
+        want = {e["name"] for e in self.block_layout}
+        blocks: dict[str, Array] = {}
+        for m in self.modules.values():
+            if want & {m.weight, m.bias}:
+                blocks.update(_module_blocks(self.spec, m, want, inter, dys, tok))
+        blocks = {e["name"]: blocks[e["name"]] for e in self.block_layout}
+        if self.spec.global_k is not None:
+            proj = make_projector("sjlt", int(self.spec.global_k), self.spec.seed, s=self.spec.global_s)
+            out = proj.project(blocks)
+        else:
+            out = jnp.concatenate([blocks[e["name"]] for e in self.block_layout], axis=1)
+        return jnp.where(g["valid"][:, None], out, 0.0)
+
+    def __call__(self, params: Any, good: Any, bad: Any) -> tuple[Array, Layout]:
+        g, b = _as_arrays(good), _as_arrays(bad)
+        if g["input_ids"].shape != b["input_ids"].shape:
+            raise ValueError(
+                f"good batch is {tuple(g['input_ids'].shape)} but bad batch is {tuple(b['input_ids'].shape)}; "
+                "pairs must share [B, T] (use lmgrad.tasks.batching.iter_pair_batches)"
+            )
+        return self._jit(params, g, b), self.layout
+
+
+def make_factored_sketch_fn(model: Any, spec: FactoredSpec | None = None, params: Any = None) -> FactoredSketchFn:
+    """Factored sketch of pair differentials: fn(params, good, bad) → (float32 [B, K], layout).
+
+    `model` is a `LoadedModel` (its params give the shapes) or a Flax module with `params`.
+    One batched forward/backward per call; see the module docstring for the blocks' meaning.
+    """
+    module = getattr(model, "module", model)
+    params = params if params is not None else getattr(model, "params", None)
+    if params is None:
+        raise ValueError("make_factored_sketch_fn: pass a LoadedModel or params= (shapes are needed)")
+    return FactoredSketchFn(module, params, spec or FactoredSpec())
+
+
+# ---------------------------------------------------------------------------- slow reference
+def exact_pair_grads(module: nn.Module, params: Any, good: Any, bad: Any) -> dict[str, np.ndarray]:
+    """Exact per-pair ∇[ℓ(good) − ℓ(bad)] by a Python loop of `jax.grad` (one pair, [1, T], at a time).
+
+    Returns numpy {HF name: [B, *shape]}; padding rows are zero and never run.
+    """
+    g, b = _as_arrays(good), _as_arrays(bad)
+
+    def nll(p, row):
+        logits = module.apply({"params": p}, row["input_ids"], row["attention_mask"])
+        return -sequence_logprob(logits, row["input_ids"], row["target_mask"])[0]
+
+    grad_fn = jax.jit(jax.grad(lambda p, gr, br: nll(p, gr) - nll(p, br)))
+    flat0 = flatten_params(params)
+    out = {n: np.zeros((g["input_ids"].shape[0],) + tuple(v.shape), np.float64) for n, v in flat0.items()}
+    for i in np.flatnonzero(np.asarray(g["valid"])):
+        row = lambda d: {k: d[k][i: i + 1] for k in _FIELDS}  # noqa: E731
+        for n, v in flatten_params(grad_fn(params, row(g), row(b))).items():
+            out[n][i] = np.asarray(v, np.float64)
+    return out
+
+
+def project_exact(
+    spec: FactoredSpec, modules: Mapping[str, _Module], grads: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, Layout]:
+    """float64 [B, K] sketch of exact per-example gradients {name: [B, *shape]} with the same
+    matrices: P_out G P_inᵀ (G in (out, in) orientation), P_out g for vectors, dense SJLT stage."""
+    layout = _with_offsets(_entries(spec, modules))
+    by_param = {}
+    for m in modules.values():
+        by_param[m.weight] = m
+        if m.bias:
+            by_param[m.bias] = m
+    blocks = {}
+    for e in layout:
+        m, g = by_param[e["name"]], np.asarray(grads[e["name"]], np.float64)
+        p_out, p_in = (None if p is None else np.asarray(p, np.float64) for p in factor_matrices(spec, m))
+        if e["role"] == "weight" and m.kind not in ("layernorm", "rmsnorm"):
+            g_oi = np.swapaxes(g, 1, 2) if m.kind == "conv1d" else g
+            blk = np.einsum("ro,boi,si->brs", p_out, g_oi, p_in)
+        elif spec.handle_vectors == "exact":
+            blk = g
+        else:
+            blk = np.einsum("ro,bo->br", p_out, g)
+        blocks[e["name"]] = blk.reshape(g.shape[0], -1)
+    if spec.global_k is None:
+        return np.concatenate([blocks[e["name"]] for e in layout], axis=1), layout
+    proj = make_projector("sjlt", int(spec.global_k), spec.seed, s=spec.global_s)
+    out = sum(blk @ proj.dense_matrix(name, blk.shape[1]).T for name, blk in sorted(blocks.items()))
+    return out, [{"name": "global", "offset": 0, "size": int(spec.global_k), "shape": [int(spec.global_k)]}]
+
+
+def factored_reference(
+    model: Any, spec: FactoredSpec, good: Any, bad: Any, params: Any = None
+) -> tuple[np.ndarray, Layout]:
+    """Slow twin of `make_factored_sketch_fn`: exact per-example gradient differentials (a loop of
+    `jax.grad`) projected in float64 with the same P_out, P_in. Tiny models only."""
+    module = getattr(model, "module", model)
+    params = params if params is not None else model.params
+    modules = describe_modules(module, params)
+    return project_exact(spec, modules, exact_pair_grads(module, params, good, bad))
+
+
+__all__ = [
+    "FactoredSketchFn", "FactoredSpec", "MODULE_TYPES", "VECTOR_POLICIES", "describe_modules", "exact_pair_grads",
+    "factor_matrices", "factored_reference", "make_factored_sketch_fn", "project_exact",
+]
