@@ -94,6 +94,8 @@ def _blocked(n: int, block: int, fn, acc0: Array) -> Array:
     The generator is column-counter based, so the tail's narrower block has the same entries as the
     corresponding part of a full block: results do not depend on ``block``.
     """
+    if n == 0:  # a zero-size parameter contributes nothing
+        return acc0
     n_full = n // block
     acc = acc0
     if n_full == 1:
