@@ -116,36 +116,46 @@ def _torch_per_example(torch_model, good, bad):
     return out
 
 
-@pytest.mark.parametrize("ffd", [False, True], ids=["whole", "first_diff"])
-def test_per_example_matches_reference_and_torch(family, ffd):
+def test_per_example_matches_reference_and_torch(family):
+    """Both token options (whole sentence, from the first difference) on one compiled function."""
     torch_model, model = family
     good, bad = _pairs(3, seed=1)
-    (gb, bb), = _batches(good, bad, batch_size=4, from_first_difference=ffd)  # one padding row
     names = list(flatten_params(model.params))
     fn = lg.make_per_example_fn(logits_fn(model), names, chunk_size=2)
-    out = {k: np.asarray(v) for k, v in fn(model.params, gb, bb).items()}
-    ref = lg.per_example_reference(logits_fn(model), model.params, names, gb, bb)
-    oracle = _torch_per_example(torch_model, gb, bb)
-    assert set(out) == set(ref) == set(oracle), set(out) ^ set(oracle)
-    for n in names:
-        assert out[n].shape == (4,) + tuple(flatten_params(model.params)[n].shape)
-        assert np.all(out[n][3] == 0), f"{n}: padding row not exactly zero"
-        assert _rel(out[n], ref[n]) < 1e-5, n
-        assert _rel(out[n], oracle[n]) < 1e-4, n
-    if ffd:
-        # A causal LM gives a shared prefix the same log-probs in both sentences, so scoring from
-        # the first difference changes each sentence's gradient but not the pair's differential.
-        whole, = _batches(good, bad, batch_size=4)
-        assert not np.array_equal(whole[0].target_mask, gb.target_mask)
-        full = fn(model.params, *whole)
+    results = []
+    for ffd in (False, True):
+        (gb, bb), = _batches(good, bad, batch_size=4, from_first_difference=ffd)  # one padding row
+        out = {k: np.asarray(v) for k, v in fn(model.params, gb, bb).items()}
+        ref = lg.per_example_reference(logits_fn(model), model.params, names, gb, bb)
+        oracle = _torch_per_example(torch_model, gb, bb)
+        assert set(out) == set(ref) == set(oracle), set(out) ^ set(oracle)
         for n in names:
-            assert _rel(out[n], full[n]) < 1e-5, n
+            assert out[n].shape == (4,) + tuple(flatten_params(model.params)[n].shape)
+            assert np.all(out[n][3] == 0), f"{n}: padding row not exactly zero"
+            assert _rel(out[n], ref[n]) < 1e-5, (ffd, n)
+            assert _rel(out[n], oracle[n]) < 1e-4, (ffd, n)
+        results.append((gb, out))
+    assert fn.traces == 1
+    # A causal LM gives a shared prefix the same log-probs in both sentences, so scoring from the
+    # first difference changes each sentence's gradient but not the pair's differential.
+    (whole, full), (ffd_batch, ffd_out) = results
+    assert not np.array_equal(whole.target_mask, ffd_batch.target_mask)
+    for n in names:
+        assert _rel(ffd_out[n], full[n]) < 1e-5, n
+
+
+@pytest.fixture(scope="module")
+def full_fn(gpt2):
+    """Per-example differentials of every GPT-2 parameter, compiled once for the tests below
+    (they all use [4, 8] batches so it is traced once)."""
+    return lg.make_per_example_fn(logits_fn(gpt2), list(flatten_params(gpt2.params)))
 
 
 def test_pair_loss_diff_is_score_difference(gpt2):
     good, bad = _pairs(5, seed=2)
+    diff = jax.jit(lambda p, g, b: lg.pair_loss_diff(logits_fn(gpt2), p, g, b))
     for gb, bb in _batches(good, bad, batch_size=4):
-        d = np.asarray(lg.pair_loss_diff(logits_fn(gpt2), gpt2.params, gb, bb))
+        d = np.asarray(diff(gpt2.params, lg.as_arrays(gb), lg.as_arrays(bb)))
         lp = lambda b: np.asarray(sequence_logprob(  # noqa: E731
             gpt2.apply(gpt2.params, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask)),
             jnp.asarray(b.input_ids), jnp.asarray(b.target_mask)))
@@ -154,35 +164,49 @@ def test_pair_loss_diff_is_score_difference(gpt2):
         assert np.all(d[~gb.valid] == 0)
 
 
-def test_task_mean_equals_mean_of_per_example(gpt2):
-    good, bad = _pairs(7, seed=3)  # batch size 3 → a ragged last batch with padding rows
-    batches = _batches(good, bad, batch_size=3)
+def test_task_mean_equals_mean_of_per_example(gpt2, full_fn):
+    good, bad = _pairs(7, seed=3)  # batch size 4 → a ragged last batch with a padding row
+    batches = _batches(good, bad, batch_size=4)
     assert any(not gb.valid.all() for gb, _ in batches)
-    names = lg.select_params(flatten_params(gpt2.params), ["*.mlp.*", "transformer.wte.weight"])
-    mean = lg.task_mean_differential(logits_fn(gpt2), gpt2.params, names, batches)
-    fn = lg.make_per_example_fn(logits_fn(gpt2), names, chunk_size=None)
-    per = [fn(gpt2.params, gb, bb) for gb, bb in batches]
+    names = full_fn.selected
+    grad_fn = lg.make_batch_grad_fn(logits_fn(gpt2), names)
+    mean = lg.task_mean_differential(logits_fn(gpt2), gpt2.params, names, batches, grad_fn=grad_fn)
+    per = [full_fn(gpt2.params, gb, bb) for gb, bb in batches]
     for n in names:
         rows = np.concatenate([np.asarray(p[n], np.float64)[gb.valid] for p, (gb, _) in zip(per, batches)])
         assert rows.shape[0] == 7
         assert _rel(mean[n], rows.mean(0)) < 1e-5, n
+    assert grad_fn.traces == 1
     with pytest.raises(ValueError, match="no valid pairs"):
-        lg.task_mean_differential(logits_fn(gpt2), gpt2.params, names, [])
+        lg.task_mean_differential(logits_fn(gpt2), gpt2.params, names, [], grad_fn=grad_fn)
+
+    # Garbage in padding rows (ids and masks) must not reach per-example rows or the mean.
+    gb, bb = batches[-1]
+    for b in (gb, bb):
+        b.input_ids[~b.valid] = 5
+        b.target_mask[~b.valid] = 1.0
+    out = full_fn(gpt2.params, gb, bb)
+    again = lg.task_mean_differential(logits_fn(gpt2), gpt2.params, names, batches, grad_fn=grad_fn)
+    for n in names:
+        assert np.all(np.asarray(out[n])[~gb.valid] == 0)
+        np.testing.assert_array_equal(np.asarray(out[n])[gb.valid], np.asarray(per[-1][n])[gb.valid])
+        np.testing.assert_allclose(again[n], mean[n], rtol=1e-6, atol=1e-9)
 
 
-def test_selection_gives_only_selected_and_equals_full_gradient(gpt2):
-    names = list(flatten_params(gpt2.params))
+def test_selection_gives_only_selected_and_equals_full_gradient(gpt2, full_fn):
+    names = full_fn.selected
     sel = lg.select_params(names, ["*.mlp.*"], exclude=lg.layers(0, 0))
     assert sel and all(".mlp." in n and n.startswith("transformer.h.1.") for n in sel)
     good, bad = _pairs(3, seed=4)
-    (gb, bb), = _batches(good, bad, batch_size=3)
-    part = lg.make_per_example_fn(logits_fn(gpt2), sel)(gpt2.params, gb, bb)
-    full = lg.make_per_example_fn(logits_fn(gpt2), names)(gpt2.params, gb, bb)
+    (gb, bb), = _batches(good, bad, batch_size=4)
+    part_fn = lg.make_per_example_fn(logits_fn(gpt2), sel)
+    part = part_fn(gpt2.params, gb, bb)
+    full = full_fn(gpt2.params, gb, bb)
     assert list(part) == sel
     for n in sel:
         np.testing.assert_allclose(part[n], full[n], rtol=1e-6, atol=1e-9)
     # A flat HF-named dict works as params too.
-    flat = lg.make_per_example_fn(logits_fn(gpt2), sel)(flatten_params(gpt2.params), gb, bb)
+    flat = part_fn(flatten_params(gpt2.params), gb, bb)
     for n in sel:
         np.testing.assert_array_equal(flat[n], part[n])
 
@@ -209,44 +233,25 @@ def test_select_params_patterns():
         lg.split_params({"a": {"b": np.zeros(2)}}, ["not.a.param"])
 
 
-def test_chunking_sketch_and_no_recompile(gpt2):
-    names = lg.select_params(flatten_params(gpt2.params), ["transformer.h.1.*"])
-    good, bad = _pairs(8, seed=5)
-    batches = _batches(good, bad, batch_size=5)  # every batch T=8; second has 2 padding rows
+def test_chunking_sketch_and_no_recompile(gpt2, full_fn):
+    names = full_fn.selected
+    good, bad = _pairs(7, seed=5)
+    batches = _batches(good, bad, batch_size=4)  # both [4, 8]; the second has a padding row
     assert len({gb.shape for gb, _ in batches}) == 1
-    unchunked = lg.make_per_example_fn(logits_fn(gpt2), names)
-    chunked = lg.make_per_example_fn(logits_fn(gpt2), names, chunk_size=2)  # 5 = 2 + 2 + 1 (padded)
+    chunked = lg.make_per_example_fn(logits_fn(gpt2), names, chunk_size=3)  # 4 = 3 + 1 (padded)
     proj = make_projector("rademacher", 16, seed=7)
     sketch = lg.make_sketch_fn(logits_fn(gpt2), names, proj.project, chunk_size=2)
     for gb, bb in batches:
-        a, b = unchunked(gpt2.params, gb, bb), chunked(gpt2.params, gb, bb)
+        a, b = full_fn(gpt2.params, gb, bb), chunked(gpt2.params, gb, bb)
         for n in names:
-            np.testing.assert_allclose(b[n], a[n], rtol=1e-5, atol=1e-7)
+            assert _rel(b[n], a[n]) < 1e-5, n
         s = np.asarray(sketch(gpt2.params, gb, bb))
-        assert s.shape == (5, 16) and s.dtype == np.float32
+        assert s.shape == (4, 16) and s.dtype == np.float32
         np.testing.assert_allclose(s, np.asarray(proj.project(a)), rtol=1e-5, atol=1e-6)
         assert np.all(s[~gb.valid] == 0)
-    assert chunked.traces == 1 and sketch.traces == 1 and unchunked.traces == 1
+    assert chunked.traces == 1 and sketch.traces == 1
     with pytest.raises(ValueError, match="chunk_size"):
         lg.make_per_example_fn(logits_fn(gpt2), names, chunk_size=0)
-
-
-def test_padding_rows_exactly_zero_even_with_empty_masks(gpt2):
-    names = ["transformer.h.0.attn.c_attn.weight", "transformer.wpe.weight"]
-    good, bad = _pairs(2, seed=6)
-    (gb, bb), = _batches(good, bad, batch_size=4)
-    # Garbage in padding rows (ids and masks) must not reach the result.
-    for b in (gb, bb):
-        b.input_ids[2:] = 5
-        b.target_mask[2:] = 1.0
-    out = lg.make_per_example_fn(logits_fn(gpt2), names)(gpt2.params, gb, bb)
-    for n in names:
-        assert np.all(np.asarray(out[n])[2:] == 0)
-        assert np.any(np.asarray(out[n])[:2] != 0)
-    mean = lg.task_mean_differential(logits_fn(gpt2), gpt2.params, names, [(gb, bb)])
-    ref = lg.per_example_reference(logits_fn(gpt2), gpt2.params, names, gb, bb)
-    for n in names:
-        assert _rel(mean[n], ref[n][:2].mean(0)) < 1e-5
 
 
 def test_mismatched_batches_named(gpt2):
@@ -259,12 +264,12 @@ def test_mismatched_batches_named(gpt2):
         fn(gpt2.params, gb, {"input_ids": bb.input_ids, "attention_mask": bb.attention_mask})
 
 
-def test_nan_is_refused_naming_the_pair(gpt2):
+def test_nan_is_refused_naming_the_pair(gpt2, full_fn):
     good, bad = _pairs(3, seed=8)
     (gb, bb), = _batches(good, bad, batch_size=4)
     meta = [Pair("a", "b", UID="agreement_x", pairID=str(i)) for i in range(3)]
     names = ["transformer.h.1.mlp.c_proj.weight"]
-    fn = lg.make_per_example_fn(logits_fn(gpt2), names)
+    fn = full_fn
     out = fn(gpt2.params, gb, bb)
     lg.check_finite(out, gb.index, meta)  # finite: no error
     flat = flatten_params(gpt2.params)

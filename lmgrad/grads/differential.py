@@ -235,13 +235,15 @@ def per_example_reference(
     g, b = as_arrays(good), as_arrays(bad)
     _check_pair(g, b)
 
-    def loss(tr, i):
-        row = lambda d: {k: d[k][i: i + 1] for k in _FIELDS}  # noqa: E731
-        return _rows_loss_diff(apply_fn, _merged(tr, frozen), row(g), row(b))[0]
+    # jit only to skip op-by-op dispatch; each call is still one pair, shapes [1, T].
+    @jax.jit
+    def grad_row(tr, fr, g_row, b_row):
+        return jax.grad(lambda t: _rows_loss_diff(apply_fn, _merged(t, fr), g_row, b_row)[0])(tr)
 
     out = {n: np.zeros((g["input_ids"].shape[0],) + tuple(v.shape), np.asarray(v).dtype) for n, v in trainable.items()}
     for i in np.flatnonzero(np.asarray(g["valid"])):
-        grads = jax.grad(loss)(trainable, int(i))
+        row = lambda d: {k: d[k][i: i + 1] for k in _FIELDS}  # noqa: E731
+        grads = grad_row(trainable, frozen, row(g), row(b))
         for n, v in grads.items():
             out[n][i] = np.asarray(v)
     return out
