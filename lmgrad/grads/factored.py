@@ -414,10 +414,11 @@ def _pair_sum(v: Array) -> Array:
 
 
 def _module_blocks(
-    spec: FactoredSpec, m: _Module, want: set[str], inter: Mapping[str, Any], dys: Mapping[str, Array], tok: Array
+    spec: FactoredSpec, m: _Module, factors: tuple[Array, Array | None], want: set[str],
+    inter: Mapping[str, Any], dys: Mapping[str, Array], tok: Array,
 ) -> dict[str, Array]:
     """{param name: [B, size]} for one module from captured x / δ; tok [2B, T] token mask."""
-    p_out, p_in = factor_matrices(spec, m)
+    p_out, p_in = factors
     mask = tok[..., None]
     z = lambda v: jnp.where(mask, v, 0.0)  # noqa: E731
     out: dict[str, Array] = {}
@@ -472,12 +473,31 @@ class FactoredSketchFn:
         self.dim = sum(e["size"] for e in self.layout)
         self.traces = 0
         self._jit = jax.jit(self._counted)
+        self._factors: dict[str, tuple[Array, Array | None]] | None = None
 
-    def _counted(self, params, good, bad):
+    def _used(self) -> list[_Module]:
+        want = {e["name"] for e in self.block_layout}
+        return [m for m in self.modules.values() if want & {m.weight, m.bias}]
+
+    def factors(self) -> dict[str, tuple[Array, Array | None]]:
+        """{module path: (P_out, P_in)} for the sketched modules, generated once and cached (a pure
+        function of the spec and shapes; ~(in + out)·r floats per module)."""
+        if self._factors is None:
+            # One jit for all modules: one compile instead of one per distinct matrix shape.
+            self._factors = jax.jit(lambda: {m.prefix: factor_matrices(self.spec, m) for m in self._used()})()
+        return self._factors
+
+    def _counted(self, params, good, bad, factors):
         self.traces += 1
-        return self.core(params, good, bad)
+        return self.core(params, good, bad, factors)
 
-    def core(self, params: Any, good: Mapping[str, Array], bad: Mapping[str, Array]) -> Array:
+    def core(
+        self, params: Any, good: Mapping[str, Array], bad: Mapping[str, Array],
+        factors: Mapping[str, tuple[Array, Array | None]] | None = None,
+    ) -> Array:
+        """Pure [B, K] sketch; `factors` (from `factors()`) or None to generate them in the trace."""
+        if factors is None:
+            factors = {m.prefix: factor_matrices(self.spec, m) for m in self._used()}
         g, bd = _sanitize(good), _sanitize(bad)
         cat = {k: jnp.concatenate([g[k], bd[k]], axis=0) for k in _FIELDS}
         valid2 = jnp.concatenate([g["valid"], g["valid"]])
@@ -505,9 +525,8 @@ class FactoredSketchFn:
         tok = (am > 0) & valid2[:, None]
         want = {e["name"] for e in self.block_layout}
         blocks: dict[str, Array] = {}
-        for m in self.modules.values():
-            if want & {m.weight, m.bias}:
-                blocks.update(_module_blocks(self.spec, m, want, inter, dys, tok))
+        for m in self._used():
+            blocks.update(_module_blocks(self.spec, m, factors[m.prefix], want, inter, dys, tok))
         blocks = {e["name"]: blocks[e["name"]] for e in self.block_layout}
         if self.spec.global_k is not None:
             proj = make_projector("sjlt", int(self.spec.global_k), self.spec.seed, s=self.spec.global_s)
@@ -523,7 +542,7 @@ class FactoredSketchFn:
                 f"good batch is {tuple(g['input_ids'].shape)} but bad batch is {tuple(b['input_ids'].shape)}; "
                 "pairs must share [B, T] (use lmgrad.tasks.batching.iter_pair_batches)"
             )
-        return self._jit(params, g, b), self.layout
+        return self._jit(params, g, b, self.factors()), self.layout
 
 
 def make_factored_sketch_fn(model: Any, spec: FactoredSpec | None = None, params: Any = None) -> FactoredSketchFn:
