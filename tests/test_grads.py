@@ -119,14 +119,15 @@ def _torch_per_example(torch_model, good, bad):
 def test_per_example_matches_reference_and_torch(family):
     """Both token options (whole sentence, from the first difference) on one compiled function."""
     torch_model, model = family
+    apply = logits_fn(model)
     good, bad = _pairs(3, seed=1)
     names = list(flatten_params(model.params))
-    fn = lg.make_per_example_fn(logits_fn(model), names, chunk_size=2)
+    fn = lg.make_per_example_fn(apply, names, chunk_size=2)
     results = []
     for ffd in (False, True):
         (gb, bb), = _batches(good, bad, batch_size=4, from_first_difference=ffd)  # one padding row
         out = {k: np.asarray(v) for k, v in fn(model.params, gb, bb).items()}
-        ref = lg.per_example_reference(logits_fn(model), model.params, names, gb, bb)
+        ref = lg.per_example_reference(apply, model.params, names, gb, bb)
         oracle = _torch_per_example(torch_model, gb, bb)
         assert set(out) == set(ref) == set(oracle), set(out) ^ set(oracle)
         for n in names:

@@ -16,6 +16,7 @@ others are passed as non-differentiated inputs and cost no weight-gradient compu
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -224,6 +225,17 @@ def make_sketch_fn(
     return _Compiled(selected_names, _per_example_core(apply_fn, chunk_size, project), jax.jit)
 
 
+@functools.lru_cache(maxsize=16)
+def _reference_grad(apply_fn: ApplyFn) -> Callable[..., Grads]:
+    # jit only to skip op-by-op dispatch; each call is still one pair, shapes [1, T]. Cached per
+    # apply_fn so repeated reference calls do not recompile.
+    @jax.jit
+    def grad_row(tr, fr, g_row, b_row):
+        return jax.grad(lambda t: _rows_loss_diff(apply_fn, _merged(t, fr), g_row, b_row)[0])(tr)
+
+    return grad_row
+
+
 def per_example_reference(
     apply_fn: ApplyFn, params: Any, selected_names: Sequence[str], good: Any, bad: Any
 ) -> dict[str, np.ndarray]:
@@ -235,11 +247,7 @@ def per_example_reference(
     g, b = as_arrays(good), as_arrays(bad)
     _check_pair(g, b)
 
-    # jit only to skip op-by-op dispatch; each call is still one pair, shapes [1, T].
-    @jax.jit
-    def grad_row(tr, fr, g_row, b_row):
-        return jax.grad(lambda t: _rows_loss_diff(apply_fn, _merged(t, fr), g_row, b_row)[0])(tr)
-
+    grad_row = _reference_grad(apply_fn)
     out = {n: np.zeros((g["input_ids"].shape[0],) + tuple(v.shape), np.asarray(v).dtype) for n, v in trainable.items()}
     for i in np.flatnonzero(np.asarray(g["valid"])):
         row = lambda d: {k: d[k][i: i + 1] for k in _FIELDS}  # noqa: E731

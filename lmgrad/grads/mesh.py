@@ -100,6 +100,16 @@ class _ShardedFn:
 
         self._fn = jax.jit(jax.shard_map(
             local, mesh=mesh, in_specs=(P(), P(), P(DATA), P(DATA)), out_specs=P(DATA)))
+        self._placed: tuple[tuple[Any, ...], Any] | None = None
+
+    def _replicated(self, trainable: dict, frozen: dict) -> Any:
+        # Copying the model to every device on each batch would dominate small batches; reuse
+        # the last placement while the caller passes the same (immutable) arrays.
+        leaves = tuple(jax.tree.leaves((trainable, frozen)))
+        if self._placed is None or len(self._placed[0]) != len(leaves) or any(
+                a is not b for a, b in zip(self._placed[0], leaves)):
+            self._placed = (leaves, replicate((trainable, frozen), self.mesh))
+        return self._placed[1]
 
     def __call__(self, params: Any, good: Any, bad: Any) -> Any:
         trainable, frozen = split_params(params, self.selected)
@@ -108,7 +118,7 @@ class _ShardedFn:
         (g, b), n = _pad_rows((g, b), self._multiple)
         rows = NamedSharding(self.mesh, P(DATA))
         g, b = jax.device_put((g, b), rows)
-        trainable, frozen = replicate((trainable, frozen), self.mesh)
+        trainable, frozen = self._replicated(trainable, frozen)
         out = self._fn(trainable, frozen, g, b)
         return jax.tree.map(lambda x: x[:n], out)
 
