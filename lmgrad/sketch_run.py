@@ -93,8 +93,11 @@ def build_sketcher(
 
 
 def store_config(model: LoadedModel, tasks: Sequence[Task], opts: SketchOptions, sketcher: Sketcher) -> dict[str, Any]:
-    """The store config: everything that must match for rows to be mixed in one store."""
-    info = provenance.run_info()
+    """The store config: everything that must match for rows to be mixed in one store.
+
+    The code version is compared only by lmgrad version; the exact git commit, host and time of
+    each session go to the manifest's `sessions` (a resume after a docs-only commit is allowed).
+    """
     return {
         "model": model.provenance,
         "tasks": task_provenance(tasks),
@@ -102,8 +105,7 @@ def store_config(model: LoadedModel, tasks: Sequence[Task], opts: SketchOptions,
         "loss": {"kind": "sentence NLL differential ℓ(good) − ℓ(bad)",
                  "tokens": "from_first_difference" if opts.from_first_difference else "whole_sentence",
                  "bos": opts.bos},
-        "lmgrad_version": info["lmgrad_version"],
-        "git_commit": info["git_commit"],
+        "lmgrad_version": provenance.lmgrad.__version__,
     }
 
 
@@ -135,7 +137,7 @@ def run_sketch(
     sketcher = build_sketcher(model, opts, chunk_size=chunk_size, num_devices=num_devices)
     config = store_config(model, tasks, opts, sketcher)
     writer = StoreWriter(workdir, config=config, k=sketcher.k, dtype=opts.dtype, layout=sketcher.layout,
-                         total_rows=len(pairs), resume=resume)
+                         total_rows=len(pairs), resume=resume, info=provenance.run_info())
     skip = writer.rows_done
     if progress is not None and skip:
         progress(skip)

@@ -61,11 +61,14 @@ class StoreWriter:
       total_rows: expected number of rows, if known; the store is marked complete when reached.
       resume: continue an existing run dir instead of refusing it.
       required_meta: keys every metadata dict must carry.
+      info: JSON-able provenance that may change between sessions of one run (git commit, host,
+        time); not compared on resume, appended to the manifest's `sessions` list instead.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, config: dict, k: int, dtype: str = "float32",
                  layout: Sequence[dict] | None = None, total_rows: int | None = None,
-                 resume: bool = False, required_meta: Sequence[str] = REQUIRED_META) -> None:
+                 resume: bool = False, required_meta: Sequence[str] = REQUIRED_META,
+                 info: dict | None = None) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"lmgrad.store: dtype must be one of {DTYPES}, got {dtype!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -81,6 +84,7 @@ class StoreWriter:
         self.layout = normalize_layout(layout, self.k)
         self.total_rows = None if total_rows is None else int(total_rows)
         self.required_meta = tuple(required_meta)
+        self.info = normalize_json(info or {}, "info")
         self._closed = False
         self._lock_fd: int | None = None
 
@@ -125,6 +129,9 @@ class StoreWriter:
                 check_shard(self.workdir, entry, self.k, self.dtype, verify=True)
             self._manifest = man
             self._sweep_garbage()
+            if self.info:
+                man.setdefault("sessions", []).append({**self.info, "resumed_at_row": self.rows_done})
+                self._write_manifest(man)
         else:
             # No manifest: nothing was ever committed, so anything in shards/ is garbage.
             self._sweep_garbage(listed=set())
@@ -133,6 +140,7 @@ class StoreWriter:
                 "format": FORMAT, "config": self.config, "k": self.k, "dtype": self.dtype,
                 "layout": self.layout, "total_rows": self.total_rows, "shards": [],
                 "complete": self.total_rows == 0, "created": now, "updated": now,
+                "sessions": [{**self.info, "resumed_at_row": 0}] if self.info else [],
             }
             self._write_manifest(self._manifest)
 

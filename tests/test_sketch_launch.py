@@ -1,0 +1,151 @@
+"""launch/sketch.py end to end on a tiny random checkpoint: rows equal the exact differentials'
+projection, 1 vs 4 devices agree, a SIGKILLed run resumes to the uninterrupted result, and bad
+input is refused with a reason."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from helpers_tokenizer import tiny_tokenizer
+from lmgrad import store as lstore
+from lmgrad.grads import per_example_reference
+from lmgrad.models import flatten_params, load_model, logits_fn
+from lmgrad.sketch import make_projector
+from lmgrad.sketch_run import SketchOptions, run_sketch
+from lmgrad.tasks import encode_pairs, iter_pair_batches, select_tasks
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TASKS = "blimp:anaphor_gender_agreement,passive_1,wh_island"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = tiny_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(str(ckpt))
+
+
+def _launch(ckpt, workdir, *extra, wait=True):
+    cmd = [sys.executable, str(ROOT / "launch/sketch.py"), f"--model={ckpt}", f"--tasks={TASKS}",
+           "--max_pairs_per_task=6", "--projector=gaussian", "--k=64", "--batch_size=2", "--shard_rows=2",
+           f"--workdir={workdir}", *extra]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_rows_are_projected_exact_differentials(model, tmp_path):
+    tasks = select_tasks("blimp:passive_1", max_pairs_per_task=5)
+    opts = SketchOptions(method="exact", projector="gaussian", k=32, seed=3)
+    run_sketch(model, tasks, str(tmp_path / "s"), opts, batch_size=4, shard_rows=3)
+    st = lstore.open(tmp_path / "s")
+    assert st.complete and len(st) == 5
+
+    pairs = list(tasks[0].pairs)
+    good, bad, sg, sb = encode_pairs(model.tokenizer, pairs)
+    names = list(flatten_params(model.params))
+    shapes = {n: tuple(v.shape) for n, v in flatten_params(model.params).items()}
+    proj = make_projector("gaussian", 32, 3)
+    expect = {}
+    for g, b in iter_pair_batches(good, bad, batch_size=8, score_from_good=sg, score_from_bad=sb):
+        ref = per_example_reference(logits_fn(model), model.params, names, g, b)
+        for row, i in enumerate(g.index):
+            if i >= 0:
+                vec = {n: ref[n][row:row + 1].astype(np.float64) for n in names}
+                expect[pairs[i].pairID] = sum(
+                    vec[n].reshape(1, -1) @ proj.dense_matrix(n, int(np.prod(shapes[n]))).T for n in names)[0]
+    for row, pid in zip(st.sketches, st.meta["pairID"]):
+        np.testing.assert_allclose(row, expect[pid], rtol=2e-4, atol=1e-5 * np.abs(expect[pid]).max())
+
+
+def test_one_and_four_devices_agree(model, tmp_path):
+    assert len(jax.devices()) == 4
+    tasks = select_tasks(TASKS, max_pairs_per_task=3)
+    opts = SketchOptions(method="exact", projector="sjlt", k=128, seed=1)
+    run_sketch(model, tasks, str(tmp_path / "one"), opts, batch_size=5, num_devices=1)
+    run_sketch(model, tasks, str(tmp_path / "four"), opts, batch_size=5, num_devices=4)
+    a, b = lstore.open(tmp_path / "one"), lstore.open(tmp_path / "four")
+    np.testing.assert_allclose(a.sketches, b.sketches, rtol=1e-5, atol=1e-6)
+    assert a.meta_records() == b.meta_records()
+
+
+def test_sigkill_then_resume_equals_uninterrupted(ckpt, model, tmp_path):
+    # The same job as the launch flags, run in-process to completion as the reference.
+    opts = SketchOptions(method="exact", projector="gaussian", k=64, seed=0)
+    tasks = select_tasks(TASKS, max_pairs_per_task=6)
+    run_sketch(model, tasks, str(tmp_path / "ref"), opts, batch_size=2, shard_rows=2)
+
+    work = tmp_path / "killed"
+    proc = _launch(ckpt, work, wait=False)
+    deadline = time.time() + 240
+    manifest = work / "manifest.json"
+    # Kill once some shards are committed, while the run is still going.
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and len(lstore.open(work, verify=False).shards) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed: " + proc.stderr.read()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = lstore.open(work)
+    assert not partial.complete and 0 < len(partial) < 18
+
+    with pytest.raises(lstore.StoreExistsError, match="resume"):  # refuses to mix without --resume
+        run_sketch(model, tasks, str(work), opts, batch_size=2, shard_rows=2)
+    run_sketch(model, tasks, str(work), opts, batch_size=2, shard_rows=2, resume=True)
+    a, b = lstore.open(tmp_path / "ref"), lstore.open(work)
+    assert b.complete and len(b) == len(a) == 18
+    np.testing.assert_array_equal(a.sketches, b.sketches)
+    assert a.meta_records() == b.meta_records()
+
+
+def test_bad_input(ckpt, model, tmp_path):
+    with pytest.raises(ValueError, match="unknown projector.*nope|nope"):
+        run_sketch(model, select_tasks("blimp:passive_1", max_pairs_per_task=2), str(tmp_path / "a"),
+                   SketchOptions(projector="nope", k=8))
+    with pytest.raises(ValueError, match="k must be"):
+        SketchOptions(projector="gaussian", k=0)
+    with pytest.raises(ValueError, match="method"):
+        SketchOptions(method="magic")
+    # A workdir holding another configuration is refused, saying what differs.
+    tasks = select_tasks("blimp:passive_1", max_pairs_per_task=2)
+    run_sketch(model, tasks, str(tmp_path / "b"), SketchOptions(projector="gaussian", k=8, seed=0))
+    with pytest.raises(lstore.StoreMismatchError, match="seed"):
+        run_sketch(model, tasks, str(tmp_path / "b"), SketchOptions(projector="gaussian", k=8, seed=1), resume=True)
+
+
+def test_nan_differential_names_the_pair(model, tmp_path):
+    from lmgrad.grads import NonFiniteGradientError
+
+    params = jax.tree.map(lambda x: x, model.params)
+    w = params["model"]["layers_1"]["mlp"]["down_proj"]["weight"]
+    params["model"]["layers_1"]["mlp"]["down_proj"]["weight"] = w.at[0, 0].set(np.nan)
+    poisoned = type(model)(**{**model.__dict__, "params": params})
+    tasks = select_tasks("blimp:passive_1", max_pairs_per_task=2)
+    with pytest.raises(NonFiniteGradientError, match=r"UID='passive_1', pairID="):
+        run_sketch(poisoned, tasks, str(tmp_path / "n"), SketchOptions(projector="gaussian", k=8))
+    st = lstore.open(tmp_path / "n")
+    assert len(st) == 0
