@@ -18,7 +18,7 @@ import transformers
 
 from lmgrad import grads as lg
 from lmgrad.models import flatten_params, load_model, logits_fn, unflatten_params
-from lmgrad.scoring import sequence_logprob
+from lmgrad.scoring import make_score_fn
 from lmgrad.sketch import make_projector
 from lmgrad.tasks.batching import first_difference, iter_pair_batches
 from lmgrad.tasks.pairs import Pair
@@ -155,11 +155,10 @@ def full_fn(gpt2):
 def test_pair_loss_diff_is_score_difference(gpt2):
     good, bad = _pairs(5, seed=2)
     diff = jax.jit(lambda p, g, b: lg.pair_loss_diff(logits_fn(gpt2), p, g, b))
+    score = make_score_fn(logits_fn(gpt2))
     for gb, bb in _batches(good, bad, batch_size=4):
         d = np.asarray(diff(gpt2.params, lg.as_arrays(gb), lg.as_arrays(bb)))
-        lp = lambda b: np.asarray(sequence_logprob(  # noqa: E731
-            gpt2.apply(gpt2.params, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask)),
-            jnp.asarray(b.input_ids), jnp.asarray(b.target_mask)))
+        lp = lambda b: np.asarray(score(gpt2.params, b.input_ids, b.attention_mask, b.target_mask))  # noqa: E731
         want = np.where(gb.valid, lp(bb) - lp(gb), 0.0)
         np.testing.assert_allclose(d, want, rtol=1e-5, atol=1e-5)
         assert np.all(d[~gb.valid] == 0)

@@ -46,6 +46,11 @@ def names(gpt2):
     return lg.select_params(flatten_params(gpt2.params), lg.layers(1, 1))
 
 
+@pytest.fixture(scope="module")
+def fn4(apply, names):
+    return lg.sharded_per_example_fn(apply, names, lg.make_mesh(4), chunk_size=2)
+
+
 def _batch(n, seed, batch_size=None):
     rng = np.random.default_rng(seed)
     good = [np.concatenate([[1], rng.integers(1, VOCAB, rng.integers(2, 7))]).astype(np.int32) for _ in range(n)]
@@ -76,9 +81,8 @@ def test_make_mesh_and_param_shardings(gpt2):
     np.testing.assert_array_equal(placed["transformer.wte.weight"], flat["transformer.wte.weight"])
 
 
-def test_per_example_1_vs_4_devices(gpt2, apply, names):
+def test_per_example_1_vs_4_devices(gpt2, apply, names, fn4):
     fn1 = lg.sharded_per_example_fn(apply, names, lg.make_mesh(1), chunk_size=2)
-    fn4 = lg.sharded_per_example_fn(apply, names, lg.make_mesh(4), chunk_size=2)
     params = lg.replicate(gpt2.params, lg.make_mesh(4))
     for seed in (1, 2):  # 7 rows → padded to 8 on 4 devices × chunk 2; same shapes both times
         gb, bb = _batch(7, seed)
@@ -92,7 +96,7 @@ def test_per_example_1_vs_4_devices(gpt2, apply, names):
 
 
 def test_sketch_1_vs_4_devices(gpt2, apply, names):
-    proj = make_projector("rademacher", 8, seed=3)
+    proj = make_projector("rademacher", 8, seed=3, block_size=100)  # blocked loop inside shard_map
     fn1 = lg.sharded_sketch_fn(apply, names, proj.project, lg.make_mesh(1), chunk_size=2)
     fn4 = lg.sharded_sketch_fn(apply, names, proj.project, lg.make_mesh(4), chunk_size=2)
     gb, bb = _batch(5, seed=4, batch_size=6)  # one padding row in the batch, then 6 → 8 rows
@@ -104,14 +108,14 @@ def test_sketch_1_vs_4_devices(gpt2, apply, names):
     np.testing.assert_allclose(s4, np.asarray(proj.project(ref)), rtol=1e-5, atol=1e-6)
 
 
-def test_trap_replicated_params_sum_across_devices(gpt2, apply, names):
+def test_trap_replicated_params_sum_across_devices(gpt2, apply, names, fn4):
     """Without the pcast to device-varying, each local row's gradient becomes the sum over the
     4 devices of that row position; the guarded version (used by the public API) does not."""
     mesh = lg.make_mesh(4)
     gb, bb = _batch(7, seed=1)  # padded to 8: 2 rows per device
     ref = lg.per_example_reference(apply, gpt2.params, names, gb, bb)
-    trap = _ShardedFn(apply, names, mesh, None, None, vary=False)(gpt2.params, gb, bb)
-    good = lg.sharded_per_example_fn(apply, names, mesh)(gpt2.params, gb, bb)
+    trap = _ShardedFn(apply, names, mesh, 2, None, vary=False)(gpt2.params, gb, bb)
+    good = fn4(gpt2.params, gb, bb)
     for n in names[:3]:
         r8 = np.concatenate([ref[n], np.zeros_like(ref[n][:1])])
         summed = np.tile(r8.reshape(4, 2, *r8.shape[1:]).sum(0), (4,) + (1,) * (r8.ndim - 1))[:7]
