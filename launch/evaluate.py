@@ -8,8 +8,6 @@ Writes `WORKDIR/scores.jsonl` (one line per pair: UID, pairID, logprob_good, log
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import sys
 
@@ -28,24 +26,11 @@ flags.DEFINE_string("bos", "auto", "Token prepended to each sentence: auto (BOS,
 flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
-def write_json_atomic(path: pathlib.Path, obj: object, *, lines: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        if lines:
-            for row in obj:  # type: ignore[attr-defined]
-                f.write(json.dumps(row) + "\n")
-        else:
-            json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str]) -> None:
     del argv
     from tqdm import tqdm
 
-    from lmgrad.evaluate import evaluate
+    from lmgrad.evaluate import evaluate, write_json_atomic
     from lmgrad.models import load_model
     from lmgrad.tasks import select_tasks
 

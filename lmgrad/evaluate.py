@@ -7,6 +7,9 @@ field, overall) with the model and task provenance; `launch/evaluate.py` writes 
 from __future__ import annotations
 
 import collections
+import json
+import os
+import pathlib
 import time
 from typing import Any, Callable, Sequence
 
@@ -84,3 +87,17 @@ def _bos_token(model: LoadedModel, bos: str) -> str | None:
 
     i = bos_id(model.tokenizer, bos)
     return None if i is None else model.tokenizer.convert_ids_to_tokens(i)
+
+
+def write_json_atomic(path: pathlib.Path, obj: object, *, lines: bool = False) -> None:
+    """Writes JSON (or JSON lines) so that a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        if lines:
+            for row in obj:  # type: ignore[attr-defined]
+                f.write(json.dumps(row) + "\n")
+        else:
+            json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
