@@ -209,3 +209,28 @@ def test_spec_round_trip_and_errors():
         FactoredSpec(r_in=0)
     with pytest.raises(ValueError, match="generator"):
         FactoredSpec.from_spec({**spec.spec, "generator": "old"})
+
+
+def test_shard_map_equals_single_device(case):
+    """The lead wraps `core` in shard_map over the batch. Inside shard_map a replicated value is
+    device-invariant and the transpose of its implicit cast to varying is a psum, so zero
+    perturbations must be created device-varying or each device would get the sum of all
+    devices' δ. 4 fake CPU devices, 8 rows (3 valid pairs + padding), vs the unsharded call."""
+    model, good, bad, _ = case
+    if model.config.model_type != "gpt2":
+        pytest.skip("one architecture is enough")
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 (fake) devices")
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    fn = make_factored_sketch_fn(model, FactoredSpec(seed=2, r_in=3, r_out=3))
+    pad = lambda d: {k: np.concatenate([v, np.zeros((3,) + v.shape[1:], v.dtype)]) for k, v in d.items()}  # noqa: E731
+    g8, b8 = pad(good), pad(bad)
+    want, _ = fn(model.params, g8, b8)
+    sharded = jax.jit(jax.shard_map(fn.core, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()),
+                                    out_specs=P("data")))
+    from lmgrad.grads.factored import _as_arrays
+
+    got = sharded(model.params, _as_arrays(g8), _as_arrays(b8), fn.factors())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6 * np.abs(want).max())

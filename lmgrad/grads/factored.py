@@ -512,8 +512,11 @@ class FactoredSketchFn:
                     variables, ids, am, mutable=["intermediates"] if pert is not None else ["perturbations"]
                 )
 
-        pert0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: run(None)[1]))
-        pert0 = pert0["perturbations"]
+        # zeros_like of a batch array keeps its device-variance: inside shard_map, invariant zeros
+        # would make grad psum every device's δ (the transpose of the implicit invariant→varying cast).
+        like = cat["target_mask"]
+        shapes = jax.eval_shape(lambda: run(None)[1])["perturbations"]
+        pert0 = jax.tree.map(lambda s: jnp.zeros_like(like, shape=s.shape, dtype=s.dtype), shapes)
 
         def loss(pert):
             logits, state = run(pert)
