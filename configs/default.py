@@ -24,8 +24,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.sketch = ml_collections.ConfigDict()
     c.sketch.method = "factored"  # factored (Kronecker, per module) | exact (vmap(grad) + projector)
-    c.sketch.projector = "sjlt"  # exact path: identity | gaussian | rademacher | sjlt
-    c.sketch.k = 8192  # exact path: sketch size; factored path: optional global second stage (0 = off)
+    c.sketch.projector = "sjlt"  # exact path: identity | gaussian | rademacher | sjlt (set k > 0)
+    # Exact path: sketch size. Factored path: optional global sparse-JL stage (0 = off, keeping one
+    # block per module so the task space can be read per layer and per module type).
+    c.sketch.k = 0
     c.sketch.r_in = 16  # factored path: per-module projection sizes (block = r_out · r_in)
     c.sketch.r_out = 16
     c.sketch.seed = 0

@@ -51,7 +51,10 @@ def score_sequences(
     from lmgrad.models.loading import logits_fn
     from lmgrad.tasks.batching import iter_bucketed
 
-    score = make_score_fn(logits_fn(model))
+    # One compiled function per model, so repeated calls reuse the compiled bucket shapes.
+    score = model.__dict__.get("_score_fn")
+    if score is None:
+        score = model.__dict__["_score_fn"] = make_score_fn(logits_fn(model))
     out = np.full(len(seqs), np.nan, dtype=np.float64)
     for batch in iter_bucketed(
         seqs, batch_size=batch_size, score_from=score_from, max_len=model.max_length
