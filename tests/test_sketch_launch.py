@@ -81,15 +81,32 @@ def test_rows_are_projected_exact_differentials(model, tmp_path):
         np.testing.assert_allclose(row, expect[pid], rtol=2e-4, atol=1e-5 * np.abs(expect[pid]).max())
 
 
-def test_one_and_four_devices_agree(model, tmp_path):
+@pytest.mark.parametrize("method", ["exact", "factored"])
+def test_one_and_four_devices_agree(model, tmp_path, method):
     assert len(jax.devices()) == 4
     tasks = select_tasks(TASKS, max_pairs_per_task=3)
-    opts = SketchOptions(method="exact", projector="sjlt", k=128, seed=1)
+    opts = SketchOptions(method=method, projector="sjlt", k=128 if method == "exact" else 0, seed=1, r_in=4, r_out=3)
     run_sketch(model, tasks, str(tmp_path / "one"), opts, batch_size=5, num_devices=1)
     run_sketch(model, tasks, str(tmp_path / "four"), opts, batch_size=5, num_devices=4)
     a, b = lstore.open(tmp_path / "one"), lstore.open(tmp_path / "four")
     np.testing.assert_allclose(a.sketches, b.sketches, rtol=1e-5, atol=1e-6)
     assert a.meta_records() == b.meta_records()
+    assert a.layout == b.layout
+    if method == "factored":
+        # The sharded job's rows are the unsharded factored sketch of each pair (whose identity
+        # with the exact gradient's projection is tests/test_factored.py's business).
+        from lmgrad.grads.factored import FactoredSpec, make_factored_sketch_fn
+
+        fn = make_factored_sketch_fn(model, FactoredSpec(seed=1, r_in=4, r_out=3))
+        pairs = [p for t in tasks for p in t.pairs]
+        good, bad, sg, sb = encode_pairs(model.tokenizer, pairs)
+        expect = {}
+        for g, bb in iter_pair_batches(good, bad, batch_size=16, score_from_good=sg, score_from_bad=sb):
+            rows, _ = fn(model.params, g, bb)
+            expect.update({(pairs[i].UID, pairs[i].pairID): np.asarray(rows[r]) for r, i in enumerate(g.index) if i >= 0})
+        assert len(a.layout) > 10  # one block per module
+        for row, uid, pid in zip(b.sketches, b.meta["UID"], b.meta["pairID"]):
+            np.testing.assert_allclose(row, expect[(uid, pid)], rtol=1e-5, atol=1e-6)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(ckpt, model, tmp_path):
