@@ -10,6 +10,7 @@ A killed run continues with `--resume` and ends with exactly the rows of an unin
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -40,17 +41,31 @@ flags.DEFINE_string("bos", "auto", "Token prepended to each sentence: auto, none
 flags.DEFINE_integer("num_devices", None, "Local devices on the data axis (default: all).")
 flags.DEFINE_bool("resume", False, "Continue a killed run in WORKDIR (its configuration must match).")
 flags.DEFINE_integer("max_batches", None, "Stop after N batches (testing).")
+flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize(); each process sketches "
+                  "its share of the batches into WORKDIR/process-XXXXX/ (BUILD.md).")
+flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of processes (or JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's id (or JAX_PROCESS_ID).")
 flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 
 
 def main(argv: list[str]) -> None:
     del argv
+    import jax
     from tqdm import tqdm
 
     from lmgrad.models import load_model
     from lmgrad.sketch_run import SketchOptions, run_sketch
     from lmgrad.tasks import select_tasks
 
+    if FLAGS.distributed:
+        # Explicit values where given (flags or JAX_* variables); else jax detects TPU/SLURM/MPI.
+        env = os.environ
+        nproc = FLAGS.num_processes or (int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None)
+        pid = FLAGS.process_id if FLAGS.process_id is not None else (
+            int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address
+                                   or env.get("JAX_COORDINATOR_ADDRESS"), num_processes=nproc, process_id=pid)
     opts = SketchOptions(method=FLAGS.method, projector=FLAGS.projector, k=FLAGS.k, seed=FLAGS.seed,
                          include=tuple(FLAGS.include), exclude=tuple(FLAGS.exclude),
                          from_first_difference=FLAGS.from_first_difference, r_in=FLAGS.r_in,
@@ -62,10 +77,11 @@ def main(argv: list[str]) -> None:
     with tqdm(total=n, unit="pair", desc="sketching") as bar:
         stats = run_sketch(model, tasks, FLAGS.workdir, opts, batch_size=FLAGS.batch_size,
                            chunk_size=FLAGS.chunk_size, shard_rows=FLAGS.shard_rows, resume=FLAGS.resume,
-                           num_devices=FLAGS.num_devices, progress=bar.update, max_batches=FLAGS.max_batches)
+                           num_devices=FLAGS.num_devices, progress=bar.update, max_batches=FLAGS.max_batches,
+                           process_index=jax.process_index(), process_count=jax.process_count())
     logging.info("sketch stats: %s", stats)
     print(f"sketched {stats['pairs']} pairs at {stats['pairs_per_s']:.2f} pairs/s (k={stats['k']}); "
-          f"store {FLAGS.workdir}: {stats['rows_total']} rows, complete={stats['complete']}")
+          f"store {stats['workdir']}: {stats['rows_total']} rows, complete={stats['complete']}")
 
 
 if __name__ == "__main__":

@@ -157,11 +157,18 @@ def run_sketch(
     num_devices: int | None = None,
     progress: Callable[[int], None] | None = None,
     max_batches: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> dict[str, Any]:
     """Sketches every pair of `tasks` into the store at `workdir`; returns timing facts.
 
-    `max_batches` stops early (for tests of crash/resume); the store is then incomplete.
+    With `process_count > 1` (a multi-host run) this process takes every `process_count`-th batch,
+    starting at `process_index`, and writes its own store `workdir/process-XXXXX/`;
+    `lmgrad.store.open(workdir)` reads them as one. `max_batches` stops early (for tests of
+    crash/resume); the store is then incomplete.
     """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if model.tokenizer is None:
         raise ValueError(f"{model.spec}: model was loaded without a tokenizer")
     pairs = [p for t in tasks for p in t.pairs]
@@ -171,8 +178,17 @@ def run_sketch(
                                      from_first_difference=opts.from_first_difference)
     sketcher = build_sketcher(model, opts, chunk_size=chunk_size, num_devices=num_devices)
     config = store_config(model, tasks, opts, sketcher)
+    batches = [gb for i, gb in enumerate(iter_pair_batches(
+        good, bad, batch_size=batch_size, score_from_good=sg, score_from_bad=sb, max_len=model.max_length))
+        if i % process_count == process_index]
+    total = sum(int(g.valid.sum()) for g, _ in batches)
+    if process_count > 1:
+        from lmgrad.store import process_dir
+
+        config["process"] = {"index": process_index, "count": process_count, "batch_size": batch_size}
+        workdir = str(process_dir(workdir, process_index))
     writer = StoreWriter(workdir, config=config, k=sketcher.k, dtype=opts.dtype, layout=sketcher.layout,
-                         total_rows=len(pairs), resume=resume, info=provenance.run_info())
+                         total_rows=total, resume=resume, info=provenance.run_info())
     skip = writer.rows_done
     if progress is not None and skip:
         progress(skip)
@@ -189,8 +205,7 @@ def run_sketch(
             buf_meta.clear()
 
     with writer:
-        for g, b in iter_pair_batches(good, bad, batch_size=batch_size, score_from_good=sg,
-                                      score_from_bad=sb, max_len=model.max_length):
+        for g, b in batches:
             n_valid = int(g.valid.sum())
             if skip:
                 if skip < n_valid:
@@ -215,4 +230,4 @@ def run_sketch(
         flush()
     elapsed = time.perf_counter() - t0
     return {"pairs": done, "seconds": elapsed, "pairs_per_s": done / max(elapsed, 1e-9), "k": sketcher.k,
-            "rows_total": writer.rows_done, "complete": writer.rows_done == len(pairs)}
+            "rows_total": writer.rows_done, "complete": writer.rows_done == total, "workdir": workdir}

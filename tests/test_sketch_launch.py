@@ -166,3 +166,35 @@ def test_nan_differential_names_the_pair(model, tmp_path):
         run_sketch(poisoned, tasks, str(tmp_path / "n"), SketchOptions(projector="gaussian", k=8))
     st = lstore.open(tmp_path / "n")
     assert len(st) == 0
+
+
+def test_two_processes_distributed_equal_one(ckpt, model, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work = tmp_path / "multi"
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        cmd = [sys.executable, str(ROOT / "launch/sketch.py"), f"--model={ckpt}", f"--tasks={TASKS}",
+               "--max_pairs_per_task=3", "--projector=sjlt", "--k=64", "--batch_size=2", "--distributed",
+               f"--workdir={work}"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert sorted(d.name for d in work.iterdir()) == ["process-00000", "process-00001"]
+    multi = lstore.open(work)
+    assert multi.complete and len(multi) == 9
+    assert {len(p) for p in multi.parts} == {4, 5}
+
+    tasks = select_tasks(TASKS, max_pairs_per_task=3)
+    run_sketch(model, tasks, str(tmp_path / "single"), SketchOptions(projector="sjlt", k=64), batch_size=2)
+    single = lstore.open(tmp_path / "single")
+    by_key = {(u, p): r for u, p, r in zip(single.meta["UID"], single.meta["pairID"], single.sketches)}
+    assert len(by_key) == 9
+    for u, p, r in zip(multi.meta["UID"], multi.meta["pairID"], multi.sketches):
+        np.testing.assert_allclose(r, by_key[(u, p)], rtol=1e-5, atol=1e-6)

@@ -9,11 +9,12 @@ from lmgrad.store.errors import (NonFiniteError, StoreCorruptError, StoreError, 
 from lmgrad.store.format import FORMAT, bf16_bits_to_f32, to_bf16_bits
 from lmgrad.store.reader import Store, open_store, write_store
 from lmgrad.store.writer import REQUIRED_META, StoreWriter
+from lmgrad.store.multi import MultiStore, process_dir
 
 open = open_store  # noqa: A001 - `lmgrad.store.open(workdir)` is the intended spelling
 
 __all__ = [
-    "FORMAT", "REQUIRED_META", "NonFiniteError", "Store", "StoreCorruptError", "StoreError",
+    "FORMAT", "MultiStore", "REQUIRED_META", "process_dir", "NonFiniteError", "Store", "StoreCorruptError", "StoreError",
     "StoreExistsError", "StoreIOError", "StoreLockedError", "StoreMismatchError", "StoreWriter",
     "bf16_bits_to_f32", "open", "open_store", "to_bf16_bits", "write_store",
 ]

@@ -233,7 +233,15 @@ def _column(values: Sequence[Any]) -> np.ndarray:
 
 
 def open_store(workdir: str | os.PathLike, *, verify: bool = True) -> Store:
-    """Open a run dir for reading. `verify` re-hashes every shard (reads all data once)."""
+    """Open a run dir for reading. `verify` re-hashes every shard (reads all data once).
+
+    A directory of per-process stores (`process-XXXXX/`, from a multi-process run) opens as one
+    `lmgrad.store.multi.MultiStore` with the same reading API.
+    """
+    from lmgrad.store.multi import MultiStore, is_multi
+
+    if is_multi(workdir):
+        return MultiStore(workdir, verify=verify)  # type: ignore[return-value]
     return Store(workdir, verify=verify)
 
 
