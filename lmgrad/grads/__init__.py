@@ -11,6 +11,12 @@ from lmgrad.grads.differential import (
     per_example_reference,
     task_mean_differential,
 )
+from lmgrad.grads.factored import (
+    FactoredSketchFn,
+    FactoredSpec,
+    factored_reference,
+    make_factored_sketch_fn,
+)
 from lmgrad.grads.mesh import (
     make_mesh,
     param_shardings,
@@ -21,6 +27,7 @@ from lmgrad.grads.mesh import (
 from lmgrad.grads.select import layers, select_params, split_params
 
 __all__ = [
+    "FactoredSketchFn", "FactoredSpec", "factored_reference", "make_factored_sketch_fn",
     "NonFiniteGradientError", "as_arrays", "check_finite", "layers", "make_batch_grad_fn", "make_mesh",
     "make_per_example_fn", "make_sketch_fn", "pair_loss_diff", "param_shardings", "per_example_reference",
     "replicate", "select_params", "sharded_per_example_fn", "sharded_sketch_fn", "split_params",
