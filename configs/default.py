@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sketch.k = 0
     c.sketch.r_in = 16  # factored path: per-module projection sizes (block = r_out · r_in)
     c.sketch.r_out = 16
+    c.sketch.overrides = ()  # ((module type | HF-name pattern, r_in, r_out), ...), first match wins
     c.sketch.seed = 0
     c.sketch.include = ()  # HF-name patterns; empty = all parameters
     c.sketch.exclude = ()

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
     s = cfg.sketch
     opts = SketchOptions(method=s.method, projector=s.projector, k=s.k, seed=s.seed, include=tuple(s.include),
                          exclude=tuple(s.exclude), from_first_difference=s.from_first_difference,
-                         r_in=s.r_in, r_out=s.r_out, bos=cfg.bos)
+                         r_in=s.r_in, r_out=s.r_out, overrides=tuple(tuple(o) for o in s.overrides), bos=cfg.bos)
     sketch_dir = work / "sketches"
     done = (sketch_dir / "manifest.json").exists() and lstore.open(sketch_dir, verify=False).complete
     if not done:

@@ -28,6 +28,8 @@ flags.DEFINE_string("projector", "sjlt", "Exact path: identity, gaussian, radema
 flags.DEFINE_integer("k", 4096, "Sketch size (exact path); factored: optional global stage (0 = off).")
 flags.DEFINE_integer("r_in", 16, "Factored path: input-side projection size per module.")
 flags.DEFINE_integer("r_out", 16, "Factored path: output-side projection size per module.")
+flags.DEFINE_list("r_override", [], "Factored path: TYPE_OR_PATTERN:R_IN:R_OUT entries (types: embed, head, "
+                  "attn, mlp, norm, other), first match wins.")
 flags.DEFINE_integer("seed", 0, "Projection seed: same seed, same projection on any device count.")
 flags.DEFINE_list("include", [], "HF parameter-name patterns to differentiate (glob, or re:REGEX).")
 flags.DEFINE_list("exclude", [], "HF parameter-name patterns to leave out.")
@@ -47,6 +49,17 @@ flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of pr
 flags.DEFINE_integer("num_processes", None, "--distributed: number of processes (or JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "--distributed: this process's id (or JAX_PROCESS_ID).")
 flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+
+
+def _overrides(entries: list[str]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for e in entries:
+        key, _, rest = e.rpartition(":")
+        key, _, r_in = key.rpartition(":")
+        if not key or not r_in.isdigit() or not rest.isdigit():
+            raise app.UsageError(f"--r_override entry {e!r}: expected TYPE_OR_PATTERN:R_IN:R_OUT")
+        out.append((key, int(r_in), int(rest)))
+    return tuple(out)
 
 
 def main(argv: list[str]) -> None:
@@ -69,7 +82,7 @@ def main(argv: list[str]) -> None:
     opts = SketchOptions(method=FLAGS.method, projector=FLAGS.projector, k=FLAGS.k, seed=FLAGS.seed,
                          include=tuple(FLAGS.include), exclude=tuple(FLAGS.exclude),
                          from_first_difference=FLAGS.from_first_difference, r_in=FLAGS.r_in,
-                         r_out=FLAGS.r_out, bos=FLAGS.bos, dtype=FLAGS.store_dtype)
+                         r_out=FLAGS.r_out, bos=FLAGS.bos, overrides=_overrides(FLAGS.r_override), dtype=FLAGS.store_dtype)
     tasks = select_tasks(FLAGS.tasks, max_pairs_per_task=FLAGS.max_pairs_per_task, seed=FLAGS.pair_seed)
     n = sum(len(t) for t in tasks)
     logging.info("%d tasks, %d pairs; loading %s", len(tasks), n, FLAGS.model)

@@ -41,6 +41,8 @@ class SketchOptions:
     from_first_difference: bool = False
     r_in: int = 16
     r_out: int = 16
+    # Factored path: ((module type or HF-name pattern, r_in, r_out), ...), first match wins.
+    overrides: tuple[tuple[str, int, int], ...] = ()
     bos: str = "auto"
     dtype: str = "float32"  # stored row dtype
 
@@ -85,7 +87,8 @@ def build_sketcher(
                         {"method": "exact", "projector": proj.spec, "selection": selection})
     from lmgrad.grads.factored import FactoredSpec, make_factored_sketch_fn
 
-    spec = FactoredSpec(seed=opts.seed, r_in=opts.r_in, r_out=opts.r_out, include=tuple(opts.include) or None,
+    spec = FactoredSpec(seed=opts.seed, r_in=opts.r_in, r_out=opts.r_out, overrides=tuple(opts.overrides),
+                        include=tuple(opts.include) or None,
                         exclude=tuple(opts.exclude), global_k=int(opts.k) or None)
     factored = make_factored_sketch_fn(model, spec)
     fn = _shard_factored(factored, mesh)
