@@ -19,13 +19,21 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
+# Above this size the exact path's per-example gradient (one parameter-sized copy per example in a
+# chunk) dominates time and memory; the factored path was 4.4x faster at flat memory on a
+# GPT-2-small shape (bench/results/factored.jsonl). Below it, exact sketches are cheap and exact.
+AUTO_FACTORED_PARAMS = 50_000_000
 flags.DEFINE_string("model", "smollm2", "Model spec: HF dir, hub id[@revision], .gguf file, or 'smollm2'.")
 flags.DEFINE_string("tasks", "blimp", "Task selector (see lmgrad.tasks.select_tasks).")
 flags.DEFINE_integer("max_pairs_per_task", None, "Seeded sample of at most N pairs per task.")
 flags.DEFINE_integer("pair_seed", 0, "Seed of the pair sample.")
-flags.DEFINE_enum("method", "exact", ["exact", "factored"], "Exact vmap(grad)+projector, or factored.")
-flags.DEFINE_string("projector", "sjlt", "Exact path: identity, gaussian, rademacher or sjlt.")
-flags.DEFINE_integer("k", 4096, "Sketch size (exact path); factored: optional global stage (0 = off).")
+flags.DEFINE_enum("method", "auto", ["auto", "exact", "factored"],
+                  "exact: vmap(grad) + --projector; factored: Kronecker per linear layer; auto: factored "
+                  f"for models above {AUTO_FACTORED_PARAMS // 10**6}M parameters (bench/README.md), else exact.")
+flags.DEFINE_string("projector", "sjlt", "identity, gaussian, rademacher, sjlt (exact path), or factored "
+                    "(same as --method=factored).")
+flags.DEFINE_integer("k", None, "Sketch size. Exact path: default 4096. Factored path: width of an optional "
+                     "global sparse-JL stage over the module blocks (default 0 = off, one block per module).")
 flags.DEFINE_integer("r_in", 16, "Factored path: input-side projection size per module.")
 flags.DEFINE_integer("r_out", 16, "Factored path: output-side projection size per module.")
 flags.DEFINE_list("r_override", [], "Factored path: TYPE_OR_PATTERN:R_IN:R_OUT entries (types: embed, head, "
@@ -79,14 +87,21 @@ def main(argv: list[str]) -> None:
             int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address
                                    or env.get("JAX_COORDINATOR_ADDRESS"), num_processes=nproc, process_id=pid)
-    opts = SketchOptions(method=FLAGS.method, projector=FLAGS.projector, k=FLAGS.k, seed=FLAGS.seed,
-                         include=tuple(FLAGS.include), exclude=tuple(FLAGS.exclude),
-                         from_first_difference=FLAGS.from_first_difference, r_in=FLAGS.r_in,
-                         r_out=FLAGS.r_out, bos=FLAGS.bos, overrides=_overrides(FLAGS.r_override), dtype=FLAGS.store_dtype)
     tasks = select_tasks(FLAGS.tasks, max_pairs_per_task=FLAGS.max_pairs_per_task, seed=FLAGS.pair_seed)
     n = sum(len(t) for t in tasks)
     logging.info("%d tasks, %d pairs; loading %s", len(tasks), n, FLAGS.model)
     model = load_model(FLAGS.model, dtype=FLAGS.dtype)
+    method, projector = FLAGS.method, FLAGS.projector
+    if projector == "factored":
+        method, projector = "factored", "sjlt"
+    elif method == "auto":
+        method = "factored" if model.provenance["num_params"] > AUTO_FACTORED_PARAMS else "exact"
+    logging.info("sketch method: %s", method)
+    k = FLAGS.k if FLAGS.k is not None else (4096 if method == "exact" else 0)
+    opts = SketchOptions(method=method, projector=projector, k=k, seed=FLAGS.seed,
+                         include=tuple(FLAGS.include), exclude=tuple(FLAGS.exclude),
+                         from_first_difference=FLAGS.from_first_difference, r_in=FLAGS.r_in,
+                         r_out=FLAGS.r_out, bos=FLAGS.bos, overrides=_overrides(FLAGS.r_override), dtype=FLAGS.store_dtype)
     with tqdm(total=n, unit="pair", desc="sketching") as bar:
         stats = run_sketch(model, tasks, FLAGS.workdir, opts, batch_size=FLAGS.batch_size,
                            chunk_size=FLAGS.chunk_size, shard_rows=FLAGS.shard_rows, resume=FLAGS.resume,
