@@ -149,8 +149,20 @@ def _run_worker(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- driver
-def _meta() -> dict:
+def _cpu_model() -> str:
     import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _meta() -> dict:
 
     import jax
 
@@ -159,7 +171,7 @@ def _meta() -> dict:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
             "command": " ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
             "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-            "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
             "jax": jax.__version__, "model": MODEL, "n_layer": 12, "d_model": 768, "vocab": 50257}
 
 
