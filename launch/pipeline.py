@@ -5,13 +5,15 @@ r"""The main job, end to end: scores → sketches → task space → report.
   python launch/pipeline.py --config=configs/default.py --config.model=/ckpt/pythia-70m --workdir=...
 
 Writes WORKDIR/eval/{scores.jsonl,summary.json} (launch/evaluate.py's files),
-WORKDIR/sketches/ (a run store, launch/sketch.py's), WORKDIR/task_space/ (launch/task_space.py's:
+WORKDIR/sketches/ (a run store, launch/sketch.py's), WORKDIR/sketches_seedN/ (the same with another
+projection seed, for the sketch-error check; `task_space.check_seed=None` skips it), WORKDIR/task_space/ (launch/task_space.py's:
 task_space.npz, stats.json, figures, report.md) and WORKDIR/pipeline.json (timings, paths).
 Re-running with the same WORKDIR reuses finished stages and resumes an interrupted sketch stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -70,22 +72,33 @@ def main(argv: list[str]) -> None:
     opts = SketchOptions(method=s.method, projector=s.projector, k=s.k, seed=s.seed, include=tuple(s.include),
                          exclude=tuple(s.exclude), from_first_difference=s.from_first_difference,
                          r_in=s.r_in, r_out=s.r_out, overrides=tuple(tuple(o) for o in s.overrides), bos=cfg.bos)
-    sketch_dir = work / "sketches"
-    done = (sketch_dir / "manifest.json").exists() and lstore.open(sketch_dir, verify=False).complete
-    if not done:
+    def sketch_stage(sketch_dir: pathlib.Path, opts: SketchOptions, label: str) -> None:
+        done = (sketch_dir / "manifest.json").exists() and lstore.open(sketch_dir, verify=False).complete
+        if done:
+            return
         t = time.perf_counter()
-        with tqdm(total=n_pairs, unit="pair", desc=f"2/3 sketching ({s.method})") as bar:
+        with tqdm(total=n_pairs, unit="pair", desc=f"{label} sketching ({opts.method}, seed {opts.seed})") as bar:
             stats = run_sketch(model, tasks, str(sketch_dir), opts, batch_size=s.batch_size,
                                chunk_size=s.chunk_size, shard_rows=s.shard_rows,
                                resume=(sketch_dir / "manifest.json").exists(), progress=bar.update)
-        timings["sketch"] = time.perf_counter() - t
+        timings[f"sketch:{sketch_dir.name}"] = time.perf_counter() - t
         print(f"[lmgrad] sketched {stats['pairs']} pairs at {stats['pairs_per_s']:.2f} pairs/s, "
               f"k={stats['k']} ({sketch_dir})", flush=True)
+
+    sketch_dir = work / "sketches"
+    sketch_stage(sketch_dir, opts, "2/3")
+    # Sketch-error check: the same task space from an independent projection; its agreement with
+    # the first shows whether the sketch size is adequate (reported in the task-space report).
+    store_b = None
+    if cfg.task_space.check_seed is not None:
+        store_b = work / f"sketches_seed{cfg.task_space.check_seed}"
+        sketch_stage(store_b, dataclasses.replace(opts, seed=cfg.task_space.check_seed), "2b/3")
 
     t = time.perf_counter()
     ts = cfg.task_space
     paths = run_task_space(str(sketch_dir), str(work / "task_space"), ts.hypothesis, similarity=ts.similarity,
-                           n_boot=ts.n_boot, n_perm=ts.n_perm, seed=ts.seed)
+                           n_boot=ts.n_boot, n_perm=ts.n_perm, seed=ts.seed,
+                           store_b=None if store_b is None else str(store_b))
     timings["task_space"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     record = {"config": cfg.to_dict(), "timings_s": timings, "outputs": {k: str(v) for k, v in paths.items()},

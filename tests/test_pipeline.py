@@ -65,10 +65,13 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     assert stats
     assert (work / "task_space/report.md").exists() and (work / "task_space/heatmap.png").exists()
     record = json.loads((work / "pipeline.json").read_text())
-    assert set(record["timings_s"]) >= {"evaluate", "sketch", "task_space", "total"}
+    assert set(record["timings_s"]) >= {"evaluate", "sketch:sketches", "sketch:sketches_seed1", "task_space", "total"}
+    # The sketch-error check compares the task spaces of two projection seeds.
+    assert lstore.open(work / "sketches_seed1").config["sketch"]["factored"]["seed"] == 1
+    assert stats["sketch_check"] is not None and stats["sketch_check"]["n"] == 15
 
     # A second run reuses the finished stages (no re-scoring, no re-sketching).
     res2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res2.returncode == 0, res2.stderr[-4000:]
     again = json.loads((work / "pipeline.json").read_text())
-    assert "sketch" not in again["timings_s"] and "evaluate" not in again["timings_s"]
+    assert not any(k.startswith("sketch") for k in again["timings_s"]) and "evaluate" not in again["timings_s"]
