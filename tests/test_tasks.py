@@ -12,7 +12,9 @@ from lmgrad.tasks import (
     select_tasks, subsample, task_provenance,
 )
 
-SHARED_BLIMP = pathlib.Path(os.environ.get("LMGRAD_BLIMP_DIR", "/work/shared/data/blimp"))
+# CI checks out the project with the team's shared/ folder beside it.
+SHARED_BLIMP = pathlib.Path(os.environ.get(
+    "LMGRAD_BLIMP_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"))
 
 
 def _write(path, lines):
