@@ -1,7 +1,8 @@
 """Exact sketch path: pairs/s and peak memory of `make_sketch_fn` against a plain training step.
 
     python bench/bench_exact.py                     # GPT-2-small shape, B=8, the default grid (~10 min, 2 cores)
-    python bench/bench_exact.py --quick             # two points, to check the script runs (~1.5 min)
+    python bench/bench_exact.py --quick             # two points, to check the script runs (~2 min)
+    python bench/bench_exact.py --chunks 8 --mesh 2 --sjlt_ks 4096   # chunk = B, and a 2-device mesh (~5 min)
 
 Model: GPT-2 small (12 layers, d=768, vocab 50257, 124.4 M parameters), random init through the Flax
 module's `init`; 16-token sentences, B=8 random pairs. Every point runs in its own subprocess, so
@@ -20,7 +21,8 @@ Points (all on the same [B] batch of pairs):
   point on the same subset; the full-model time is extrapolated linearly in n:
   t_full ≈ t_norms(all params) + [t_dense(subset) − t_norms(subset)] · n_all / n_subset.
 
-Each for chunk_size ∈ `--chunks` (default 1 4). Prints a table and appends one JSON line per point to
+Each for chunk_size ∈ `--chunks` (default 1 4). With ``--mesh N`` the sjlt points also run through
+`sharded_sketch_fn` on N fake CPU devices (batch split over ``data``), at the chunk sizes that tile B/N. Prints a table and appends one JSON line per point to
 bench/results/exact.jsonl (date, commit, command, device, jax version, shapes, projector, k, chunk,
 pairs/s, ratio vs the plain step, peak RSS).
 """
@@ -103,9 +105,13 @@ def worker(spec: dict) -> dict:
     """One point in a fresh process: build, first call (compile + run), `reps` timed calls, peak RSS."""
     import math
 
+    devices = spec.get("devices", 1)
+    if devices > 1:  # fake CPU devices must be requested before jax initialises its backend
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={devices}").strip()
     import jax
 
-    from lmgrad.grads import make_batch_grad_fn, make_sketch_fn, select_params
+    from lmgrad.grads import make_batch_grad_fn, make_mesh, make_sketch_fn, select_params, sharded_sketch_fn
     from lmgrad.models import flatten_params
     from lmgrad.sketch import make_projector
 
@@ -121,7 +127,10 @@ def worker(spec: dict) -> dict:
         fn = make_batch_grad_fn(apply_fn, names)
     else:
         project = _leaf_sq_norms if method == "norms" else make_projector(method, spec["k"], 0).project
-        fn = make_sketch_fn(apply_fn, names, project, chunk_size=chunk)
+        if devices > 1:
+            fn = sharded_sketch_fn(apply_fn, names, project, make_mesh(devices), chunk_size=chunk)
+        else:
+            fn = make_sketch_fn(apply_fn, names, project, chunk_size=chunk)
 
     t = time.perf_counter()
     jax.block_until_ready(fn(params, good, bad))
@@ -176,7 +185,7 @@ def _meta() -> dict:
 
 
 def _points(args) -> list[dict]:
-    base = {"batch": args.batch, "seq": args.seq, "reps": args.reps}
+    base = {"batch": args.batch, "seq": args.seq, "reps": args.reps, "devices": 1}
     full = {**base, "include": None, "subset": "all"}
     sub = {**base, "include": args.dense_include, "subset": ",".join(args.dense_include)}
     plain = {**full, "method": "plain", "k": None, "chunk": None}
@@ -186,6 +195,13 @@ def _points(args) -> list[dict]:
     for c in args.chunks:
         pts.append({**full, "method": "norms", "k": None, "chunk": c})
         pts += [{**full, "method": "sjlt", "k": k, "chunk": c} for k in args.sjlt_ks]
+    if args.mesh > 1:
+        # Chunks that tile each device's B/N rows exactly: the sharded path pads B to a multiple of
+        # N·chunk, and padded rows cost as much as real ones.
+        per_dev = args.batch // args.mesh
+        mesh_chunks = sorted({c for c in args.chunks if args.batch % (args.mesh * c) == 0} | {per_dev})
+        pts += [{**full, "method": "sjlt", "k": k, "chunk": c, "devices": args.mesh}
+                for c in mesh_chunks for k in args.sjlt_ks]
     for c in args.chunks:
         pts.append({**sub, "method": "norms", "k": None, "chunk": c})
         pts += [{**sub, "method": kind, "k": args.dense_k, "chunk": c} for kind in args.dense_kinds]
@@ -213,6 +229,11 @@ def _extrapolate(rows: list[dict], n_all: int, plain_s: float) -> list[dict]:
     return out
 
 
+def _label(row: dict) -> str:
+    d = row.get("devices", 1)
+    return row["method"] + (f"/{d}dev" if d > 1 else "")
+
+
 def _fmt(v, spec: str) -> str:
     """format(v, spec), or a dash right-aligned to the spec's width for a missing value."""
     width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
@@ -231,6 +252,8 @@ def main() -> None:
     ap.add_argument("--dense_k", type=int, default=1024)
     ap.add_argument("--dense_include", nargs="+", default=["transformer.h.11.attn.c_proj.*"],
                     help="parameter patterns the dense kinds are measured on (lmgrad.grads.select syntax)")
+    ap.add_argument("--mesh", type=int, default=1,
+                    help="N > 1: also run the sjlt points through sharded_sketch_fn on N fake CPU devices")
     ap.add_argument("--quick", action="store_true", help="plain + one sjlt point only")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--no_write", action="store_true", help="print only, append nothing")
@@ -250,7 +273,7 @@ def main() -> None:
         if "error" in row:
             print(spec["method"], spec["k"], spec["chunk"], "ERROR:", row["error"][-600:], flush=True)
             continue
-        print(f"{row['method']:11s} {_fmt(row['k'], '6d')} {_fmt(row['chunk'], '5d')} "
+        print(f"{_label(row):11s} {_fmt(row['k'], '6d')} {_fmt(row['chunk'], '5d')} "
               f"{row['n_params_selected'] / 1e6:8.2f}M {row['sec_per_call']:7.2f} {row['pairs_per_s']:8.2f} "
               f"{'':7s} {row['peak_rss_gib']:7.2f} {row['compile_s_est']:7.1f}", flush=True)
     plains = [r["sec_per_call"] for r in rows if r.get("method") == "plain" and "error" not in r]
@@ -275,7 +298,7 @@ def main() -> None:
             continue
         where = r["subset"] if r["subset"] in ("all", "all (extrapolated)") else "subset"
         where = f"{where} {r['n_params_selected'] / 1e6:.2f}M"
-        print(f"{r['method']:11s} {_fmt(r['k'], '6d')} {_fmt(r['chunk'], '5d')} "
+        print(f"{_label(r):11s} {_fmt(r['k'], '6d')} {_fmt(r['chunk'], '5d')} "
               f"{where:>22s} {r['pairs_per_s']:8.3f} "
               f"{r['time_x_plain']:12.2f} {r['ratio_vs_plain']:12.3f} {_fmt(r['peak_rss_gib'], '7.2f')}")
     if args.no_write:
