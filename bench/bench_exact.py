@@ -22,8 +22,8 @@ Points (all on the same [B] batch of pairs):
   t_full ≈ t_norms(all params) + [t_dense(subset) − t_norms(subset)] · n_all / n_subset.
 
 Each for chunk_size ∈ `--chunks` (default 1 4). With ``--mesh N`` the sjlt points also run through
-`sharded_sketch_fn` on N fake CPU devices (batch split over ``data``), at the chunk sizes that tile B/N. Prints a table and appends one JSON line per point to
-bench/results/exact.jsonl (date, commit, command, device, jax version, shapes, projector, k, chunk,
+`sharded_sketch_fn` on N fake CPU devices (batch split over ``data``), at the chunk sizes that tile B/N.
+Prints a table and appends one JSON line per point to bench/results/exact.jsonl (date, commit, command, device, jax version, shapes, projector, k, chunk,
 pairs/s, ratio vs the plain step, peak RSS).
 """
 
