@@ -23,8 +23,8 @@ Points (all on the same [B] batch of pairs):
 
 Each for chunk_size ∈ `--chunks` (default 1 4). With ``--mesh N`` the sjlt points also run through
 `sharded_sketch_fn` on N fake CPU devices (batch split over ``data``), at the chunk sizes that tile B/N.
-Prints a table and appends one JSON line per point to bench/results/exact.jsonl (date, commit, command, device, jax version, shapes, projector, k, chunk,
-pairs/s, ratio vs the plain step, peak RSS).
+Prints a table and appends one JSON line per point to bench/results/exact.jsonl (date, commit, command,
+device, jax version, shapes, projector, k, chunk, pairs/s, ratio vs the plain step, peak RSS).
 """
 
 from __future__ import annotations
