@@ -230,7 +230,7 @@ def test_shard_map_equals_single_device(case):
     want, _ = fn(model.params, g8, b8)
     sharded = jax.jit(jax.shard_map(fn.core, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()),
                                     out_specs=P("data")))
-    from lmgrad.grads.factored import _as_arrays
+    from lmgrad.grads import as_arrays
 
-    got = sharded(model.params, _as_arrays(g8), _as_arrays(b8), fn.factors())
+    got = sharded(model.params, as_arrays(g8), as_arrays(b8), fn.factors())
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6 * np.abs(want).max())

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmgrad.grads.differential import _check_pair, _sanitize, as_arrays
 from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm
 from lmgrad.models.loading import flatten_params
 from lmgrad.scoring import sequence_logprob
@@ -313,42 +314,6 @@ def _with_offsets(entries: list[dict[str, Any]]) -> Layout:
 
 
 # ------------------------------------------------------------------------------- batch helpers
-def _as_arrays(batch: Any) -> dict[str, Array]:
-    get = (lambda k: batch[k]) if isinstance(batch, Mapping) else (lambda k: getattr(batch, k))
-    has = (lambda k: k in batch) if isinstance(batch, Mapping) else (lambda k: hasattr(batch, k))
-    out = {}
-    for k in _FIELDS:
-        if not has(k):
-            raise ValueError(f"batch lacks field {k!r} (needs {list(_FIELDS)}, optionally 'valid')")
-        out[k] = get(k)
-    shape = tuple(out["input_ids"].shape)
-    if len(shape) != 2:
-        raise ValueError(f"batch field 'input_ids' must be [B, T], got shape {shape}")
-    for k in _FIELDS[1:]:
-        if tuple(out[k].shape) != shape:
-            raise ValueError(f"batch field {k!r} has shape {tuple(out[k].shape)}, input_ids has {shape}")
-    valid = get("valid") if has("valid") and get("valid") is not None else np.asarray(out["attention_mask"]).any(1)
-    if tuple(np.shape(valid)) != shape[:1]:
-        raise ValueError(f"batch field 'valid' has shape {tuple(np.shape(valid))}, expected {shape[:1]}")
-    return {
-        "input_ids": jnp.asarray(out["input_ids"], jnp.int32),
-        "attention_mask": jnp.asarray(out["attention_mask"], jnp.int32),
-        "target_mask": jnp.asarray(out["target_mask"], jnp.float32),
-        "valid": jnp.asarray(valid, bool),
-    }
-
-
-def _sanitize(b: Mapping[str, Array]) -> dict[str, Array]:
-    """Padding rows: full attention mask, no targets (finite forward, zero loss)."""
-    v = b["valid"][:, None]
-    return {
-        "input_ids": jnp.where(v, b["input_ids"], 0),
-        "attention_mask": jnp.where(v, b["attention_mask"], 1),
-        "target_mask": jnp.where(v, b["target_mask"], 0.0),
-        "valid": b["valid"],
-    }
-
-
 # ------------------------------------------------------------------------------- capture hooks
 def _normalized(m: nn.Module, x: Array) -> Array:
     """x̂ such that the norm's output is γ ⊙ x̂ (+ β): the formulas of `lmgrad.models.layers`."""
@@ -546,12 +511,8 @@ class FactoredSketchFn:
         return jnp.where(g["valid"][:, None], out, 0.0)
 
     def __call__(self, params: Any, good: Any, bad: Any) -> tuple[Array, Layout]:
-        g, b = _as_arrays(good), _as_arrays(bad)
-        if g["input_ids"].shape != b["input_ids"].shape:
-            raise ValueError(
-                f"good batch is {tuple(g['input_ids'].shape)} but bad batch is {tuple(b['input_ids'].shape)}; "
-                "pairs must share [B, T] (use lmgrad.tasks.batching.iter_pair_batches)"
-            )
+        g, b = as_arrays(good), as_arrays(bad)
+        _check_pair(g, b)
         return self._jit(params, g, b, self.factors()), self.layout
 
 
@@ -574,7 +535,7 @@ def exact_pair_grads(module: nn.Module, params: Any, good: Any, bad: Any) -> dic
 
     Returns numpy {HF name: [B, *shape]}; padding rows are zero and never run.
     """
-    g, b = _as_arrays(good), _as_arrays(bad)
+    g, b = as_arrays(good), as_arrays(bad)
 
     def nll(p, row):
         logits = module.apply({"params": p}, row["input_ids"], row["attention_mask"])
