@@ -138,10 +138,9 @@ def test_exact_vectors_and_selection(case):
             assert _rel(np.asarray(fast)[:3, sl], grads[e["name"]][:3]) <= 1e-5
 
 
+@pytest.mark.parametrize("model", ["neox"], indirect=True)  # one architecture is enough here
 def test_reference_entry_point_and_global_stage(case):
     model, good, bad, _ = case
-    if model.config.model_type != "gpt_neox":
-        pytest.skip("one architecture is enough for the second stage")
     spec = FactoredSpec(seed=1, r_in=3, r_out=3, global_k=64, global_s=2, handle_vectors="exclude")
     fast, layout = make_factored_sketch_fn(model, spec)(model.params, good, bad)
     ref, ref_layout = factored_reference(model, spec, good, bad)
@@ -149,10 +148,9 @@ def test_reference_entry_point_and_global_stage(case):
     _check_blocks(fast, ref, layout)
 
 
+@pytest.mark.parametrize("model", ["llama_gqa_tied"], indirect=True)
 def test_linearity_batch_size_and_seeds(case):
     model, good, bad, _ = case
-    if model.config.model_type != "llama" or not model.config.tie_word_embeddings:
-        pytest.skip("one architecture is enough")
     spec = FactoredSpec(seed=11, r_in=4, r_out=4)
     fn = make_factored_sketch_fn(model, spec)
     diff, _ = fn(model.params, good, bad)
@@ -211,18 +209,16 @@ def test_spec_round_trip_and_errors():
         FactoredSpec.from_spec({**spec.spec, "generator": "old"})
 
 
+@pytest.mark.parametrize("model", ["gpt2"], indirect=True)
 def test_shard_map_equals_single_device(case):
     """The lead wraps `core` in shard_map over the batch. Inside shard_map a replicated value is
     device-invariant and the transpose of its implicit cast to varying is a psum, so zero
     perturbations must be created device-varying or each device would get the sum of all
     devices' δ. 4 fake CPU devices, 8 rows (3 valid pairs + padding), vs the unsharded call."""
     model, good, bad, _ = case
-    if model.config.model_type != "gpt2":
-        pytest.skip("one architecture is enough")
     from jax.sharding import Mesh, PartitionSpec as P
 
-    if len(jax.devices()) < 4:
-        pytest.skip("needs 4 (fake) devices")
+    assert len(jax.devices()) >= 4, "tests/conftest.py sets 4 fake CPU devices"
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
     fn = make_factored_sketch_fn(model, FactoredSpec(seed=2, r_in=3, r_out=3))
     pad = lambda d: {k: np.concatenate([v, np.zeros((3,) + v.shape[1:], v.dtype)]) for k, v in d.items()}  # noqa: E731
