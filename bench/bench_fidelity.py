@@ -4,6 +4,7 @@ r"""Fidelity of factored (Kronecker) sketches on SmolLM2-135M / BLiMP, and the r
     python bench/bench_fidelity.py --stage big        # one factored pass at large ranks (cached)
     python bench/bench_fidelity.py --stage explore    # norm shares + many allocations, cheaply (prefix trick)
     python bench/bench_fidelity.py --stage measure    # real runs of the chosen configs: fidelity + s/batch → JSONL
+    python bench/bench_fidelity.py --stage timing --configs r=16 vdown128   # interleaved s/batch rounds
 
 Reference. Exact per-pair differentials ∇[ℓ(good) − ℓ(bad)] of all parameters (`make_sketch_fn`,
 jit(vmap(grad))), reduced inside the jit to (a) one sparse-JL sketch (`sjlt`, k=65,536, seed 1234)
@@ -510,9 +511,41 @@ def measure(args) -> list[dict]:
     return rows
 
 
+def timing(args) -> list[dict]:
+    """Interleaved steady-state timing (s/batch of `--batch` pairs) of --configs over all batches,
+    `--repeats` rounds; the shared 2-core machine's load swings, so compare within a round."""
+    import jax
+
+    from lmgrad.grads.factored import make_factored_sketch_fn
+
+    model, task_of, batches, _ = _setup(args)
+    fns = {name: make_factored_sketch_fn(model, _config_spec(name, args)) for name in args.configs}
+    for fn in fns.values():  # compile every [B, T] shape first
+        for shape in {tuple(g.input_ids.shape): (g, b) for g, b in batches}.values():
+            jax.block_until_ready(fn(model.params, *shape)[0])
+    per: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for g, b in batches:
+                jax.block_until_ready(fn(model.params, g, b)[0])
+            per[name].append((time.perf_counter() - t) / len(batches))
+    meta_row = _meta(args) | {"stage": "timing (interleaved)", "pairs": len(task_of), "batch_pairs": args.batch,
+                              "n_batches": len(batches)}
+    rows, base = [], per.get("r=16")
+    for name, ts in per.items():
+        ratio = None if base is None else [t / b for t, b in zip(ts, base)]
+        rows.append(meta_row | {"config": name, "spec": fns[name].spec.spec, "K": fns[name].dim,
+                                "sec_per_batch": float(np.median(ts)), "sec_per_batch_rounds": ts,
+                                "time_vs_r16_rounds": ratio})
+        print(f"{name:26s} K={fns[name].dim:8d} s/batch median {np.median(ts):.3f} rounds "
+              + " ".join(f"{t:.3f}" for t in ts) + ("" if ratio is None else "  ×r16 " + " ".join(f"{r:.2f}" for r in ratio)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["ref", "big", "explore", "measure"], required=True)
+    ap.add_argument("--stage", choices=["ref", "big", "explore", "measure", "timing"], required=True)
     ap.add_argument("--pairs_per_task", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--ref_k", type=int, default=65536)
@@ -521,6 +554,7 @@ def main() -> None:
                     default=["r=16", "r=32", "r=64", "example", "out64", "vdown128", "vdown128:seed=1",
                              "vdown128:global_k=65536", "best", "r=16"],
                     help="measure: r=N | best | default | a NAMED key, with optional :seed=S :global_k=K")
+    ap.add_argument("--repeats", type=int, default=3, help="timing: interleaved rounds")
     ap.add_argument("--budget", type=int, default=150_000, help="explore: largest K per row")
     ap.add_argument("--no_record", action="store_true", help="do not append to bench/results/fidelity.jsonl")
     args = ap.parse_args()
@@ -532,8 +566,8 @@ def main() -> None:
         rows = explore(args)
         if not args.no_record:
             _append(rows)
-    elif args.stage == "measure":
-        rows = measure(args)
+    elif args.stage in ("measure", "timing"):
+        rows = measure(args) if args.stage == "measure" else timing(args)
         if not args.no_record:
             _append(rows)
 
