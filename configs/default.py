@@ -31,7 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Ranks from bench/README.md "Factored sketch fidelity": pair-cosine Pearson 0.975 vs exact, K=100,352 (r=16: 0.85)
     c.sketch.r_in = 8  # factored path: per-module projection sizes (block = r_out · r_in)
     c.sketch.r_out = 16
-    c.sketch.overrides = (("*.v_proj.weight", 8, 128), ("*.down_proj.weight", 8, 128), ("embed", 16, 256), ("norm", 8, 256))
+    # ((module type | HF-name pattern, r_in, r_out), ...), first match wins. Ranks go where the
+    # gradient norm is (bench/README.md, "Factored sketch fidelity"). The two name patterns are
+    # Llama-family names; other families fall back to (r_in, r_out) for those modules.
+    c.sketch.overrides = (("*.v_proj.weight", 8, 128), ("*.down_proj.weight", 8, 128),
+                          ("embed", 16, 256), ("norm", 8, 256))
     c.sketch.seed = 0
     c.sketch.include = ()  # HF-name patterns; empty = all parameters
     c.sketch.exclude = ()

@@ -34,9 +34,9 @@ flags.DEFINE_string("projector", "sjlt", "identity, gaussian, rademacher, sjlt (
                     "(same as --method=factored).")
 flags.DEFINE_integer("k", None, "Sketch size. Exact path: default 4096. Factored path: width of an optional "
                      "global sparse-JL stage over the module blocks (default 0 = off, one block per module).")
-flags.DEFINE_integer("r_in", 16, "Factored path: input-side projection size per module.")
+flags.DEFINE_integer("r_in", 8, "Factored path: input-side projection size per module.")
 flags.DEFINE_integer("r_out", 16, "Factored path: output-side projection size per module.")
-flags.DEFINE_list("r_override", [], "Factored path: TYPE_OR_PATTERN:R_IN:R_OUT entries (types: embed, head, "
+flags.DEFINE_list("r_override", ["*.v_proj.weight:8:128", "*.down_proj.weight:8:128", "embed:16:256", "norm:8:256"], "Factored path: TYPE_OR_PATTERN:R_IN:R_OUT entries (types: embed, head, "
                   "attn, mlp, norm, other), first match wins.")
 flags.DEFINE_integer("seed", 0, "Projection seed: same seed, same projection on any device count.")
 flags.DEFINE_list("include", [], "HF parameter-name patterns to differentiate (glob, or re:REGEX).")

@@ -26,6 +26,7 @@ from lmgrad.tasks import Task, encode_pairs, iter_pair_batches, task_provenance
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "factored")
+DEFAULT_OVERRIDES = (("*.v_proj.weight", 8, 128), ("*.down_proj.weight", 8, 128), ("embed", 16, 256), ("norm", 8, 256))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +40,12 @@ class SketchOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     from_first_difference: bool = False
-    r_in: int = 16
+    # Factored path: default ranks and ((module type or HF-name pattern, r_in, r_out), ...) overrides,
+    # first match wins. The defaults put output-side rank where SmolLM2's gradient norm is; pair-cosine
+    # Pearson vs exact gradients 0.975 at K = 100k (0.85 for uniform 16 × 16; bench/README.md).
+    r_in: int = 8
     r_out: int = 16
-    # Factored path: ((module type or HF-name pattern, r_in, r_out), ...), first match wins.
-    overrides: tuple[tuple[str, int, int], ...] = ()
+    overrides: tuple[tuple[str, int, int], ...] = DEFAULT_OVERRIDES
     bos: str = "auto"
     dtype: str = "float32"  # stored row dtype
 

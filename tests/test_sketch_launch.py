@@ -85,7 +85,8 @@ def test_rows_are_projected_exact_differentials(model, tmp_path):
 def test_one_and_four_devices_agree(model, tmp_path, method):
     assert len(jax.devices()) == 4
     tasks = select_tasks(TASKS, max_pairs_per_task=3)
-    opts = SketchOptions(method=method, projector="sjlt", k=128 if method == "exact" else 0, seed=1, r_in=4, r_out=3)
+    opts = SketchOptions(method=method, projector="sjlt", k=128 if method == "exact" else 0, seed=1, r_in=4, r_out=3,
+                         overrides=())
     run_sketch(model, tasks, str(tmp_path / "one"), opts, batch_size=5, num_devices=1)
     run_sketch(model, tasks, str(tmp_path / "four"), opts, batch_size=5, num_devices=4)
     a, b = lstore.open(tmp_path / "one"), lstore.open(tmp_path / "four")
