@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import sys
-from absl import app, flags, logging
+from absl import app, flags
 
 try:
-    import lmgrad  # noqa: F401
+    import lmgrad  # noqa: F401  (is lmgrad importable?)
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

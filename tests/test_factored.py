@@ -9,10 +9,8 @@ parallel residual), Llama (GQA, RMSNorm, tied and untied head, biases).
 from __future__ import annotations
 
 import json
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers

@@ -4,7 +4,6 @@ written here with llama.cpp's own permutation, totality errors, and the PyPI fet
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
 import subprocess
 import zipfile

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from lmgrad import grads as lg
 from lmgrad.grads.mesh import _ShardedFn

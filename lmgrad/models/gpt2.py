@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from lmgrad.models.config import ModelConfig
-from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, activation, attention, causal_mask
+from lmgrad.models.layers import CausalLM, Conv1D, Embedding, LayerNorm, activation, attention, causal_mask
 
 
 class GPT2Attention(nn.Module):
@@ -69,18 +69,9 @@ class GPT2Model(nn.Module):
         return self.wte.attend(h)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     """Returns float32 logits [B, T, V] for right-padded `input_ids` and `attention_mask` [B, T]."""
 
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        c = self.config
-        model = GPT2Model(c, name="transformer")
-        h = model(input_ids, attention_mask)
-        if c.tie_word_embeddings:
-            logits = model.head(h)
-        else:
-            logits = Linear(c.vocab_size, use_bias=False, name="lm_head")(h)
-        return logits.astype(jnp.float32)
+    backbone = GPT2Model
+    backbone_name = "transformer"
+    head_name = "lm_head"

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from lmgrad.models.config import ModelConfig
 from lmgrad.models.layers import (
+    CausalLM,
     Embedding,
     LayerNorm,
     Linear,
@@ -85,18 +86,9 @@ class GPTNeoXModel(nn.Module):
         return self.embed_in.attend(h)
 
 
-class GPTNeoXForCausalLM(nn.Module):
+class GPTNeoXForCausalLM(CausalLM):
     """Returns float32 logits [B, T, V] for right-padded `input_ids` and `attention_mask` [B, T]."""
 
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        c = self.config
-        model = GPTNeoXModel(c, name="gpt_neox")
-        h = model(input_ids, attention_mask)
-        if c.tie_word_embeddings:
-            logits = model.head(h)
-        else:
-            logits = Linear(c.vocab_size, use_bias=False, name="embed_out")(h)
-        return logits.astype(jnp.float32)
+    backbone = GPTNeoXModel
+    backbone_name = "gpt_neox"
+    head_name = "embed_out"

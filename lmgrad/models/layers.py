@@ -12,11 +12,14 @@ in one batched backward, the layer inputs x and output gradients δ of every exa
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from lmgrad.models.config import ModelConfig
 
 Dtype = jnp.dtype
 
@@ -167,3 +170,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v)
     return o.reshape(b, t, h * d)
+
+
+class CausalLM(nn.Module):
+    """A family's backbone plus its output head: tied to the input embedding (the backbone's
+    `head`) or a bias-free Linear named like the checkpoint's head. Returns float32 logits [B, T, V]
+    for right-padded `input_ids` and `attention_mask` [B, T]."""
+
+    config: ModelConfig
+    backbone: ClassVar[type[nn.Module]]
+    backbone_name: ClassVar[str]
+    head_name: ClassVar[str] = "lm_head"
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        c = self.config
+        model = self.backbone(c, name=self.backbone_name)
+        h = model(input_ids, attention_mask)
+        if c.tie_word_embeddings:
+            logits = model.head(h)
+        else:
+            logits = Linear(c.vocab_size, use_bias=False, name=self.head_name)(h)
+        return logits.astype(jnp.float32)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from lmgrad.models.config import ModelConfig
 from lmgrad.models.layers import (
+    CausalLM,
     Embedding,
     Linear,
     RMSNorm,
@@ -80,18 +81,9 @@ class LlamaModel(nn.Module):
         return self.embed_tokens.attend(h)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Returns float32 logits [B, T, V] for right-padded `input_ids` and `attention_mask` [B, T]."""
 
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        c = self.config
-        model = LlamaModel(c, name="model")
-        h = model(input_ids, attention_mask)
-        if c.tie_word_embeddings:
-            logits = model.head(h)
-        else:
-            logits = Linear(c.vocab_size, use_bias=False, name="lm_head")(h)
-        return logits.astype(jnp.float32)
+    backbone = LlamaModel
+    backbone_name = "model"
+    head_name = "lm_head"

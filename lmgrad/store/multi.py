@@ -10,13 +10,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 from lmgrad.store.errors import StoreCorruptError, StoreMismatchError
 from lmgrad.store.format import MANIFEST
-from lmgrad.store.reader import Store, _column
+from lmgrad.store.reader import Store, column_table
 
 PROCESS_DIR = re.compile(r"process-(\d{5})")
 
@@ -99,11 +97,7 @@ class MultiStore:
     @property
     def meta(self) -> dict[str, np.ndarray]:
         if self._meta is None:
-            records = self.meta_records()
-            keys: dict[str, None] = {}
-            for r in records:
-                keys.update(dict.fromkeys(r))
-            self._meta = {key: _column([r.get(key) for r in records]) for key in keys}
+            self._meta = column_table(self.meta_records())
         return self._meta
 
     def __repr__(self) -> str:

@@ -194,11 +194,7 @@ class Store:
         mixed, nested) are object arrays.
         """
         if self._meta is None:
-            records = self.meta_records() if self._records is None else self._records
-            keys: dict[str, None] = {}
-            for r in records:
-                keys.update(dict.fromkeys(r))
-            self._meta = {key: _column([r.get(key) for r in records]) for key in keys}
+            self._meta = column_table(self.meta_records() if self._records is None else self._records)
         return self._meta
 
     def to_pandas(self) -> Any:
@@ -214,6 +210,14 @@ class Store:
         """Re-check every listed shard's sha256 (reads all data)."""
         for entry in self.shards:
             check_shard(self.workdir, entry, self.k, self.dtype, verify=True)
+
+
+def column_table(records: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Records → {key: column} over every key seen (missing values are None)."""
+    keys: dict[str, None] = {}
+    for r in records:
+        keys.update(dict.fromkeys(r))
+    return {key: _column([r.get(key) for r in records]) for key in keys}
 
 
 def _column(values: Sequence[Any]) -> np.ndarray:

@@ -76,7 +76,7 @@ class StoreWriter:
         if not isinstance(config, dict):
             raise TypeError(f"lmgrad.store: config must be a dict, got {type(config).__name__}")
         if total_rows is not None and (int(total_rows) != total_rows or total_rows < 0):
-            raise ValueError(f"lmgrad.store: total_rows must be a non-negative int or None")
+            raise ValueError(f"lmgrad.store: total_rows must be a non-negative int or None, got {total_rows!r}")
         self.workdir = Path(workdir)
         self.k = int(k)
         self.dtype = dtype
