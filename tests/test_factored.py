@@ -23,6 +23,7 @@ from lmgrad.grads.factored import (
     project_exact,
 )
 from lmgrad.models import loading
+from helpers_models import save_random
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -43,22 +44,10 @@ ARCHS = {
 }
 
 
-def _save_random(config, path):
-    import torch
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():  # non-trivial norms and biases, so their gradients are not special
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=True)
-
-
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    _save_random(ARCHS[request.param](), path)
+    save_random(ARCHS[request.param](), path)
     return loading.load_model(str(path), tokenizer=False)
 
 

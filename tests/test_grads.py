@@ -22,6 +22,7 @@ from lmgrad.scoring import make_score_fn
 from lmgrad.sketch import make_projector
 from lmgrad.tasks.batching import first_difference, iter_pair_batches
 from lmgrad.tasks.pairs import Pair
+from helpers_models import checkpoint_name, save_random
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -36,24 +37,6 @@ FAMILIES = {
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5),
 }
-
-
-def _save_random(config, path):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():  # non-trivial norms and biases (HF initialises them to 1 and 0)
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=True)
-    return model
-
-
-def _checkpoint_name(torch_model, name):
-    # transformers 5 calls GPT-NeoX's head `lm_head` in memory but saves it as `embed_out`.
-    if torch_model.config.model_type == "gpt_neox" and name == "lm_head.weight":
-        return "embed_out.weight"
-    return name
 
 
 def _pairs(n, seed=0):
@@ -87,14 +70,14 @@ def _rel(a, b):
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    torch_model = _save_random(FAMILIES[request.param](), path)
+    torch_model = save_random(FAMILIES[request.param](), path)
     return torch_model, load_model(str(path), tokenizer=False)
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2_small")
-    _save_random(FAMILIES["gpt2"](), path)
+    save_random(FAMILIES["gpt2"](), path)
     return load_model(str(path), tokenizer=False)
 
 
@@ -111,7 +94,7 @@ def _torch_per_example(torch_model, good, bad):
             loss = loss - sign * (lp * torch.tensor(b.target_mask[i: i + 1, 1:])).sum()
         loss.backward()
         for n, p in torch_model.named_parameters():
-            g = out.setdefault(_checkpoint_name(torch_model, n), np.zeros((len(good.valid),) + tuple(p.shape), np.float32))
+            g = out.setdefault(checkpoint_name(torch_model, n), np.zeros((len(good.valid),) + tuple(p.shape), np.float32))
             g[i] = p.grad.numpy()
     return out
 

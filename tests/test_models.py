@@ -18,6 +18,7 @@ import transformers
 from lmgrad.models import loading
 from lmgrad.models.config import UnsupportedModelError
 from lmgrad.scoring import sequence_logprob
+from helpers_models import checkpoint_name, save_random
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.manual_seed(0)
@@ -69,26 +70,6 @@ VARIANTS = {
 }
 
 
-def _save_random(config, path):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    # Non-trivial norms and biases, so the test sees them (HF initialises them to 1 and 0).
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=True)
-    return model
-
-
-def _checkpoint_name(torch_model, name):
-    # transformers 5 names GPT-NeoX's head `lm_head` in memory but saves it as `embed_out`, the
-    # name real Pythia checkpoints use; we follow the checkpoints.
-    if torch_model.config.model_type == "gpt_neox" and name == "lm_head.weight":
-        return "embed_out.weight"
-    return name
-
-
 def _batch(rng, lengths, t):
     ids = np.zeros((len(lengths), t), np.int64)
     mask = np.zeros((len(lengths), t), np.int64)
@@ -101,7 +82,7 @@ def _batch(rng, lengths, t):
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    torch_model = _save_random(VARIANTS[request.param](), path)
+    torch_model = save_random(VARIANTS[request.param](), path)
     model = loading.load_model(str(path), tokenizer=False)
     return torch_model, model
 
@@ -136,7 +117,7 @@ def test_gradients_of_every_parameter(pair):
     logits = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.tensor(ids[:, 1:, None]))[..., 0]
     (-(lp * torch.tensor(target[:, 1:])).sum()).backward()
-    ref = {_checkpoint_name(torch_model, n): p.grad.numpy() for n, p in torch_model.named_parameters()}
+    ref = {checkpoint_name(torch_model, n): p.grad.numpy() for n, p in torch_model.named_parameters()}
 
     def nll(params):
         out = model.apply(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
@@ -194,28 +175,28 @@ def _edit_checkpoint(path, edit):
 
 
 def test_missing_tensor_named(tmp_path):
-    _save_random(_gpt2(), tmp_path)
+    save_random(_gpt2(), tmp_path)
     _edit_checkpoint(tmp_path, lambda sd: sd.pop("transformer.h.1.mlp.c_fc.weight"))
     with pytest.raises(loading.CheckpointError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight"):
         loading.load_model(str(tmp_path), tokenizer=False)
 
 
 def test_shape_mismatch_named(tmp_path):
-    _save_random(_llama(2, True, False), tmp_path)
+    save_random(_llama(2, True, False), tmp_path)
     _edit_checkpoint(tmp_path, lambda sd: sd.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((8, 8), np.float32)}))
     with pytest.raises(loading.CheckpointError, match=r"k_proj\.weight has shape \(8, 8\)"):
         loading.load_model(str(tmp_path), tokenizer=False)
 
 
 def test_leftover_tensor_named(tmp_path):
-    _save_random(_llama(2, True, False), tmp_path)
+    save_random(_llama(2, True, False), tmp_path)
     _edit_checkpoint(tmp_path, lambda sd: sd.update({"model.layers.9.extra.weight": np.zeros((2,), np.float32)}))
     with pytest.raises(loading.CheckpointError, match=r"model\.layers\.9\.extra\.weight"):
         loading.load_model(str(tmp_path), tokenizer=False)
 
 
 def test_sharded_checkpoint_equals_single(tmp_path):
-    torch_model = _save_random(_neox(0.25, True), tmp_path / "single")
+    torch_model = save_random(_neox(0.25, True), tmp_path / "single")
     torch_model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     a = loading.load_model(str(tmp_path / "single"), tokenizer=False)
