@@ -109,12 +109,14 @@ def _shard_factored(factored: Any, mesh: Any) -> Callable[[Any, Any, Any], jax.A
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from lmgrad.grads import as_arrays, replicate
+    from lmgrad.grads.mesh import ReplicaCache
 
     n_dev = mesh.shape["data"]
     body = jax.shard_map(lambda p, g, b, f: factored.core(p, g, b, f), mesh=mesh,
                          in_specs=(P(), P("data"), P("data"), P()), out_specs=P("data"), check_vma=False)
     jitted = jax.jit(body)
-    cache: dict[str, Any] = {}
+    replicated = ReplicaCache(mesh)
+    factors = replicate(factored.factors(), mesh)  # independent of the params: placed once
 
     def fn(params: Any, good: Any, bad: Any) -> jax.Array:
         g, b = as_arrays(good), as_arrays(bad)
@@ -122,12 +124,8 @@ def _shard_factored(factored: Any, mesh: Any) -> Callable[[Any, Any, Any], jax.A
         pad = (-n) % n_dev
         g, b = ({k: np.concatenate([np.asarray(v), np.zeros((pad,) + v.shape[1:], np.asarray(v).dtype)])
                  for k, v in d.items()} for d in (g, b))
-        if cache.get("params_id") != id(params):
-            cache["params"] = replicate(params, mesh)
-            cache["factors"] = replicate(factored.factors(), mesh)
-            cache["params_id"] = id(params)
         rows = NamedSharding(mesh, P("data"))
-        out = jitted(cache["params"], jax.device_put(g, rows), jax.device_put(b, rows), cache["factors"])
+        out = jitted(replicated(params), jax.device_put(g, rows), jax.device_put(b, rows), factors)
         return out[:n]
 
     return fn

@@ -79,6 +79,23 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
     return jax.tree.map(spec, params)
 
 
+class ReplicaCache:
+    """Places a pytree replicated on a mesh, reusing the last placement while the caller passes the
+    same (immutable) leaf arrays: copying the model to every device on each batch would dominate
+    small batches. Holds the source leaves, so identity checks cannot be fooled by reused ids."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self._placed: tuple[tuple[Any, ...], Any] | None = None
+
+    def __call__(self, tree: Any) -> Any:
+        leaves = tuple(jax.tree.leaves(tree))
+        if self._placed is None or len(self._placed[0]) != len(leaves) or any(
+                a is not b for a, b in zip(self._placed[0], leaves)):
+            self._placed = (leaves, replicate(tree, self.mesh))
+        return self._placed[1]
+
+
 class _ShardedFn:
     """shard_map over `data` of the chunked per-example core; `.traces` counts traces."""
 
@@ -99,16 +116,7 @@ class _ShardedFn:
 
         self._fn = jax.jit(jax.shard_map(
             local, mesh=mesh, in_specs=(P(), P(), P(DATA), P(DATA)), out_specs=P(DATA)))
-        self._placed: tuple[tuple[Any, ...], Any] | None = None
-
-    def _replicated(self, trainable: dict, frozen: dict) -> Any:
-        # Copying the model to every device on each batch would dominate small batches; reuse
-        # the last placement while the caller passes the same (immutable) arrays.
-        leaves = tuple(jax.tree.leaves((trainable, frozen)))
-        if self._placed is None or len(self._placed[0]) != len(leaves) or any(
-                a is not b for a, b in zip(self._placed[0], leaves)):
-            self._placed = (leaves, replicate((trainable, frozen), self.mesh))
-        return self._placed[1]
+        self._replicated = ReplicaCache(mesh)
 
     def __call__(self, params: Any, good: Any, bad: Any) -> Any:
         trainable, frozen = split_params(params, self.selected)
@@ -117,7 +125,7 @@ class _ShardedFn:
         (g, b), n = _pad_rows((g, b), self._multiple)
         rows = NamedSharding(self.mesh, P(DATA))
         g, b = jax.device_put((g, b), rows)
-        trainable, frozen = self._replicated(trainable, frozen)
+        trainable, frozen = self._replicated((trainable, frozen))
         out = self._fn(trainable, frozen, g, b)
         return jax.tree.map(lambda x: x[:n], out)
 
