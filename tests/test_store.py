@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lmgrad.store as ls
-from lmgrad.store import _atomic
+from lmgrad import io as lio
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"id": "tiny", "revision": "abc123"}, "projector": {"seed": 0, "k": 12}, "token": "sum"}
@@ -161,7 +161,7 @@ CRASH_SCRIPT = r'''
 import os, signal, sys, time
 import numpy as np
 import lmgrad.store as ls
-from lmgrad.store import _atomic
+from lmgrad import io as lio
 
 workdir, n, shard, k, sleep_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 die = os.environ.get("DIE_AT")  # "write:N" (half-way through the Nth write) or "replace:N" (after the Nth rename)
@@ -171,14 +171,14 @@ if die:
     def die_now():
         os.kill(os.getpid(), signal.SIGKILL)
     if what == "write":
-        real_write = _atomic.write_all
+        real_write = lio.write_all
         def write_all(fd, data):
             calls[0] += 1
             if calls[0] == at:
                 real_write(fd, memoryview(data)[: len(data) // 2])
                 die_now()
             real_write(fd, data)
-        _atomic.write_all = write_all
+        lio.write_all = write_all
     else:
         real_replace = os.replace
         def replace(a, b):
@@ -230,7 +230,7 @@ def _assert_clean(workdir: Path) -> None:
     store = ls.open(workdir)
     listed = {Path(e[key]).name for e in store.shards for key in ("file", "meta_file")}
     assert set(os.listdir(workdir / "shards")) == listed
-    assert not [n for n in os.listdir(workdir) if _atomic.is_temp_name(n)]
+    assert not [n for n in os.listdir(workdir) if lio.is_temp_name(n)]
 
 
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
@@ -376,7 +376,7 @@ def test_full_disk_leaves_store_unchanged(tmp_path, monkeypatch, fail_at):
     w = ls.StoreWriter(run, config=CONFIG, k=12, total_rows=9)
     w.write(rows[:3], make_meta(0, 3))
     before = snapshot(run)
-    real, calls = _atomic.write_all, [0]
+    real, calls = lio.write_all, [0]
 
     def full_disk(fd, data):
         calls[0] += 1

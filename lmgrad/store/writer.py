@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lmgrad.store import _atomic
+from lmgrad import io as lio
 from lmgrad.store.errors import (NonFiniteError, StoreError, StoreExistsError, StoreIOError,
                                  StoreLockedError, StoreMismatchError)
 from lmgrad.store.format import (DTYPES, FORMAT, MANIFEST, SHARD_DIR, SHARD_NAME, bf16_nonfinite,
@@ -164,8 +164,8 @@ class StoreWriter:
         for d in (self.workdir, self.workdir / SHARD_DIR):
             for name in os.listdir(d):
                 stale_shard = d.name == SHARD_DIR and SHARD_NAME.match(name) and name not in listed
-                if _atomic.is_temp_name(name) or stale_shard:
-                    _atomic.remove_quietly(d / name)
+                if lio.is_temp_name(name) or stale_shard:
+                    lio.remove_quietly(d / name)
 
     # ------------------------------------------------------------------ state
 
@@ -264,21 +264,21 @@ class StoreWriter:
         if self.total_rows is not None and start + entry["rows"] == self.total_rows:
             new_manifest["complete"] = True
 
-        tmp_data = _atomic.temp_path(sdir, data_name)
-        tmp_meta = _atomic.temp_path(sdir, meta_name)
+        tmp_data = lio.temp_path(sdir, data_name)
+        tmp_meta = lio.temp_path(sdir, meta_name)
         placed: list[Path] = []
         try:
-            _atomic.write_temp(tmp_data, data_bytes)
-            _atomic.write_temp(tmp_meta, meta_bytes)
+            lio.write_temp(tmp_data, data_bytes)
+            lio.write_temp(tmp_meta, meta_bytes)
             os.replace(tmp_data, sdir / data_name)
             placed.append(sdir / data_name)
             os.replace(tmp_meta, sdir / meta_name)
             placed.append(sdir / meta_name)
-            _atomic.fsync_dir(sdir)
+            lio.fsync_dir(sdir)
             self._write_manifest(new_manifest)
         except OSError as e:
             for p in (tmp_data, tmp_meta, *placed):
-                _atomic.remove_quietly(p)
+                lio.remove_quietly(p)
             raise StoreIOError(e.errno, f"lmgrad.store: committing shard {idx} (rows {start}.."
                                f"{start + entry['rows'] - 1}) in {self.workdir} failed: "
                                f"{e.strerror or e}; the store is unchanged at {start} rows",
@@ -286,7 +286,7 @@ class StoreWriter:
         self._manifest = new_manifest
 
     def _write_manifest(self, man: dict) -> None:
-        _atomic.atomic_write(self.workdir / MANIFEST, (dumps(man, indent=1) + "\n").encode("utf-8"))
+        lio.atomic_write(self.workdir / MANIFEST, (dumps(man, indent=1) + "\n").encode("utf-8"))
 
     def close(self, complete: bool = True) -> None:
         """Finish: mark the store complete if asked and all rows are in; release the lock.

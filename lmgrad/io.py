@@ -1,13 +1,21 @@
-"""Low-level durable file writes: temp file in the target directory, fsync, os.replace, fsync dir.
+"""Durable file writes and content hashes, shared by every stage.
 
-Every byte the store writes goes through `write_all`, so tests can monkeypatch it to simulate
-a full disk (ENOSPC) at any point of a commit.
+A write goes to a temp file in the target directory, is fsynced, renamed over the target with
+`os.replace` and the directory fsynced: a reader (or a resumed run) sees the old file or the new
+one, never a mix. Every byte goes through `write_all`, so tests can monkeypatch it to simulate a
+full disk (ENOSPC) at any point.
 """
 from __future__ import annotations
 
+import hashlib
+import io as _stdio
+import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
 
 _CHUNK = 8 << 20  # bytes per os.write call; several calls per shard lets tests fail mid-file
 
@@ -56,8 +64,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Replace `path` with `data` atomically: readers see the old or the new file, never a mix."""
+    path = Path(path)
     tmp = temp_path(path.parent, path.name)
     write_temp(tmp, data)
     try:
@@ -75,3 +84,40 @@ def remove_quietly(path: Path) -> None:
         pass
     except OSError:
         pass  # best effort: a leftover file is swept as garbage on the next resume
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically replace `path` with UTF-8 `text`."""
+    atomic_write(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, allow_nan: bool = True,
+               default: Any = None) -> None:
+    """Atomically replace `path` with `obj` as JSON."""
+    write_text(path, json.dumps(obj, indent=indent, allow_nan=allow_nan, default=default) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+    """Atomically replace `path` with one JSON object per line."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    """Atomically replace `path` with an uncompressed .npz of `arrays`."""
+    buf = _stdio.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    """Hex sha256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
