@@ -112,11 +112,11 @@ def _group_key(name: str) -> str:
 
 def stats_dict(result: TaskSpaceResult, provenance: Mapping[str, Any] | None = None) -> dict:
     """JSON-ready summary of every statistic (what stats.json holds)."""
-    from lmgrad.analysis.stats import _jsonable
+    from lmgrad.analysis.stats import jsonable
     bw = result.bootstrap.width
     iu = np.triu_indices(len(result.names), 1)
     coh = np.diag(result.pair_cosine)
-    return _jsonable({
+    return jsonable({
         "settings": result.settings,
         "provenance": dict(provenance or {}),
         "hypothesis": {"name": result.hypothesis.name,

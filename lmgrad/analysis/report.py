@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmgrad.analysis.stats import ALPHA, _fmt_p, min_attainable_p
+from lmgrad.analysis.stats import ALPHA, format_p, min_attainable_p
 from lmgrad.analysis.uncertainty import offdiag
 
 if TYPE_CHECKING:
@@ -81,23 +81,23 @@ def _summary(result: "TaskSpaceResult", summary: Mapping[str, Any]) -> list[str]
         e = wb.extra
         ratio = (f"ratio {e['ratio']:.2f}, " if e.get("ratio") is not None
                  and np.isfinite(e["ratio"]) else "")
-        mtxt = (f", Mantel r={m.statistic:.2f}, p={_fmt_p(m.p_value)}"
+        mtxt = (f", Mantel r={m.statistic:.2f}, p={format_p(m.p_value)}"
                 if m is not None and np.isfinite(m.statistic) else "")
         if wb.p_value is not None and wb.p_value < ALPHA:
             lines.append(f"- Tasks sharing a `{hyp}` are more similar than others: mean "
                          f"similarity {e['within']:.3f} within vs {e['between']:.3f} between "
                          f"({ratio}difference {wb.statistic:.3f}, permutation p="
-                         f"{_fmt_p(wb.p_value)}{mtxt}).")
+                         f"{format_p(wb.p_value)}{mtxt}).")
         else:
             lines.append(f"- No evidence that tasks sharing a `{hyp}` are more similar than "
                          f"others: {e['within']:.3f} within vs {e['between']:.3f} between "
-                         f"(permutation p={_fmt_p(wb.p_value)}{mtxt}). This is absence of "
+                         f"(permutation p={format_p(wb.p_value)}{mtxt}). This is absence of "
                          "evidence at this sample size, not evidence of absence.")
     elif m is not None and np.isfinite(m.statistic):
         verdict = "agrees with" if m.p_value is not None and m.p_value < ALPHA else \
             "shows no detectable agreement with"
         lines.append(f"- The task space {verdict} the hypothesis `{hyp}`: Mantel r="
-                     f"{m.statistic:.2f}, p={_fmt_p(m.p_value)}.")
+                     f"{m.statistic:.2f}, p={format_p(m.p_value)}.")
     ari = result.stats.get("cluster_ari")
     if ari is not None:
         e = ari.extra
@@ -105,7 +105,7 @@ def _summary(result: "TaskSpaceResult", summary: Mapping[str, Any]) -> list[str]
         lines.append(f"- Clustering the tasks into {e['n_clusters']} groups "
                      f"{'recovers' if good else 'does not recover'} the `{hyp}` categories "
                      f"beyond chance (ARI {ari.statistic:.2f}; chance 95th percentile "
-                     f"{e['null_q95']:.2f}, p={_fmt_p(ari.p_value)}). ARI near 1 would mean the "
+                     f"{e['null_q95']:.2f}, p={format_p(ari.p_value)}). ARI near 1 would mean the "
                      "categories are the dominant structure; values near 0 mean other structure "
                      "dominates even if the categories shift similarities on average.")
     if t < 3:
@@ -192,7 +192,7 @@ def render(result: "TaskSpaceResult", summary: Mapping[str, Any],
     out += ["## Statistics", "",
             "| test | statistic | p | n | reading |", "|---|---|---|---|---|"]
     for st in result.stats.values():
-        out.append(f"| {st.name} | {_fmt(st.statistic)} | {_fmt_p(st.p_value)} | {st.n} | "
+        out.append(f"| {st.name} | {_fmt(st.statistic)} | {format_p(st.p_value)} | {st.n} | "
                    f"{st.interpretation} |")
     rel = result.reliability
     out.append(f"| split-half reliability | {_fmt(rel.spearman_brown)} (half r {_fmt(rel.r_half)} "

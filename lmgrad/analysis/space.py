@@ -86,12 +86,13 @@ def task_means(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarray
     """Mean sketch per task: returns ``(names [T], means_tk [T, K] float64)``, names sorted."""
     sketch_nk, labels = check_sketches(sketch_nk, tasks)
     names, idx = task_index(labels)
-    sums_tk = _group_sums(sketch_nk, idx, len(names))
+    sums_tk = group_sums(sketch_nk, idx, len(names))
     counts = np.bincount(idx, minlength=len(names))
     return names, sums_tk / counts[:, None]
 
 
-def _group_sums(x_nk: np.ndarray, idx: np.ndarray, t: int, chunk: int = 8192) -> np.ndarray:
+def group_sums(x_nk: np.ndarray, idx: np.ndarray, t: int, chunk: int = 8192) -> np.ndarray:
+    """Per-task row sums ``[t, K]`` float64 of ``x_nk``, row ``n`` belonging to task ``idx[n]``."""
     # A one-hot [T, chunk] matmul per chunk: BLAS speed (np.add.at is ~100x slower) and bounded
     # memory for the float64 upcast.
     out = np.zeros((t, x_nk.shape[1]), np.float64)
@@ -286,7 +287,7 @@ def pair_cosine_matrix(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarray
         raise ValueError(f"sketches: {int(zero.sum())} all-zero row(s) (cosine undefined), "
                          f"first rows {np.flatnonzero(zero)[:10].tolist()}")
     counts = np.bincount(idx, minlength=len(names)).astype(np.float64)
-    s_tk = _group_sums(u, idx, len(names))
+    s_tk = group_sums(u, idx, len(names))
     gram = s_tk @ s_tk.T
     denom = np.outer(counts, counts)
     np.fill_diagonal(denom, counts * (counts - 1))

@@ -33,16 +33,17 @@ class StatResult:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        return _jsonable(d)
+        return jsonable(d)
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """``x`` with numpy scalars and arrays as Python values and non-finite floats as None."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, (np.floating, float)):
         return float(x) if np.isfinite(x) else None
     if isinstance(x, np.integer):
@@ -50,7 +51,8 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _fmt_p(p: float | None) -> str:
+def format_p(p: float | None) -> str:
+    """A p-value for a table or sentence: 2 significant digits, "n/a" when missing."""
     if p is None or not np.isfinite(p):
         return "n/a"
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
@@ -80,7 +82,7 @@ def offdiag_correlation(sim: np.ndarray, hyp: np.ndarray, method: str = "spearma
     res = sps.spearmanr(x, y) if method == "spearman" else sps.pearsonr(x, y)
     r, p = float(res[0]), float(res[1])
     return StatResult(method, r, p, len(x),
-                      f"{method} r={r:.3f} over {len(x)} task pairs (parametric p={_fmt_p(p)} "
+                      f"{method} r={r:.3f} over {len(x)} task pairs (parametric p={format_p(p)} "
                       "treats entries as independent; see Mantel)")
 
 
@@ -140,7 +142,7 @@ def mantel(sim: np.ndarray, hyp: np.ndarray, *, n_perm: int = 1000, seed: int = 
     verdict = ("the task space agrees with the hypothesis beyond chance" if pval < ALPHA
                else "no evidence of agreement beyond chance")
     return StatResult(f"mantel_{method}", r, float(pval), len(x),
-                      f"Mantel r={r:.3f}, p={_fmt_p(pval)} ({n_perm} permutations): {verdict}",
+                      f"Mantel r={r:.3f}, p={format_p(pval)} ({n_perm} permutations): {verdict}",
                       {"n_perm": n_perm, "null_mean": float(null.mean()),
                        "null_sd": float(null.std()), "null_q95": float(np.quantile(null, 0.95))})
 
@@ -184,7 +186,7 @@ def within_between(sim: np.ndarray, categories: Sequence[Any], *, n_perm: int = 
                else "no evidence that same-category tasks are more similar")
     return StatResult("within_between", diff, float(pval), len(x),
                       f"within {w:.3f} vs between {b:.3f} ({ratio_txt}, difference {diff:.3f}, "
-                      f"p={_fmt_p(pval)}): {verdict}",
+                      f"p={format_p(pval)}): {verdict}",
                       {"within": w, "between": b, "ratio": ratio, "n_within": int(same.sum()),
                        "n_between": int((~same).sum()), "n_perm": n_perm})
 
@@ -237,7 +239,7 @@ def cluster_agreement(sim: np.ndarray, categories: Sequence[Any], *, n_perm: int
                else "clusters do not recover the categories beyond chance")
     return StatResult("cluster_ari", ari, float(pval), len(cats),
                       f"ARI={ari:.3f} with {n_cat} clusters (chance mean {null.mean():.3f}, "
-                      f"95th pct {np.quantile(null, 0.95):.3f}; p={_fmt_p(pval)}): {verdict}",
+                      f"95th pct {np.quantile(null, 0.95):.3f}; p={format_p(pval)}): {verdict}",
                       {"n_clusters": n_cat, "clusters": clusters.tolist(), "n_perm": n_perm,
                        "null_mean": float(null.mean()),
                        "null_q95": float(np.quantile(null, 0.95))})

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from lmgrad.analysis.space import (_group_sums, check_sketches, require_pairs, require_tasks,
+from lmgrad.analysis.space import (check_sketches, group_sums, require_pairs, require_tasks,
                                    similarity, task_index)
 
 MIN_BOOT_PAIRS = 5  # below this a percentile interval is too coarse to mean anything: NaN + warn
@@ -78,7 +78,7 @@ def bootstrap_similarity(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarra
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 samples[s + j] = similarity(means_btk[j], kind)
-    estimate = similarity(_group_sums(sketch_nk, idx, t) / counts[:, None], kind)
+    estimate = similarity(group_sums(sketch_nk, idx, t) / counts[:, None], kind)
     if method == "percentile":
         q_lo = np.full((t, t), alpha / 2)
         q_hi = np.full((t, t), 1 - alpha / 2)
@@ -177,7 +177,7 @@ def split_half_reliability(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndar
             c = np.bincount(idx[h], minlength=t)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                sims.append(similarity(_group_sums(sketch_nk[h], idx[h], t) / c[:, None], kind))
+                sims.append(similarity(group_sums(sketch_nk[h], idx[h], t) / c[:, None], kind))
         a, b = offdiag(sims[0]), offdiag(sims[1])
         ok = np.isfinite(a) & np.isfinite(b)
         if ok.sum() >= 2 and a[ok].std() > 0 and b[ok].std() > 0:
