@@ -1,14 +1,15 @@
 """Task spaces from stored sketches: similarity, uncertainty, hypothesis tests, figures, report."""
 from lmgrad.analysis.hypothesis import (Hypothesis, categorical, hypothesis_matrix,
                                         load_hypothesis, resolve_hypothesis, taxonomy_from_meta)
-from lmgrad.analysis.pipeline import TaskSpaceResult, analyze, save, stats_dict
 from lmgrad.analysis.report import provenance_from_manifest
+from lmgrad.analysis.result import TaskSpaceResult
 from lmgrad.analysis.space import (ParamInfo, block_similarities, check_sketches, coherence,
                                    group_columns, pair_cosine_matrix, pair_cosine_samples,
                                    parse_param_name, similarity, task_means, task_similarity)
 from lmgrad.analysis.stats import (StatResult, adjusted_rand_index, cluster_agreement,
                                    compare_task_spaces, mantel, offdiag_correlation,
                                    within_between)
+from lmgrad.analysis.task_space import analyze, save, stats_dict
 from lmgrad.analysis.uncertainty import (BootstrapResult, Reliability, bootstrap_similarity,
                                          offdiag, split_half_reliability)
 

@@ -4,15 +4,13 @@ at the stated threshold, and flags unreliable spaces first)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from lmgrad.analysis.result import TaskSpaceResult
 from lmgrad.analysis.stats import ALPHA, format_p, min_attainable_p
 from lmgrad.analysis.uncertainty import offdiag
-
-if TYPE_CHECKING:
-    from lmgrad.analysis.pipeline import TaskSpaceResult
 
 _PROVENANCE_KEYS = ("model", "model_id", "revision", "projector", "projection", "k", "seed",
                     "dtype", "tasks", "grads", "mode", "lmgrad_version", "git_commit")
@@ -50,7 +48,7 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
-def _summary(result: "TaskSpaceResult", summary: Mapping[str, Any]) -> list[str]:
+def _summary(result: TaskSpaceResult, summary: Mapping[str, Any]) -> list[str]:
     hyp = result.hypothesis.name
     lines: list[str] = []
     rel = result.reliability
@@ -136,7 +134,7 @@ def _summary(result: "TaskSpaceResult", summary: Mapping[str, Any]) -> list[str]
     return lines
 
 
-def _top_pairs(result: "TaskSpaceResult", n: int = 5) -> list[str]:
+def _top_pairs(result: TaskSpaceResult, n: int = 5) -> list[str]:
     iu = np.triu_indices(len(result.names), 1)
     vals = result.similarity[iu]
     ok = np.flatnonzero(np.isfinite(vals))
@@ -153,7 +151,7 @@ def _top_pairs(result: "TaskSpaceResult", n: int = 5) -> list[str]:
     return rows
 
 
-def _group_table(result: "TaskSpaceResult") -> list[str]:
+def _group_table(result: TaskSpaceResult) -> list[str]:
     if result.global_only:
         return ["The sketch is a single global block, so it mixes all parameters: there is no "
                 "per-layer or per-module view for this store."]
@@ -172,7 +170,7 @@ def _group_table(result: "TaskSpaceResult") -> list[str]:
     return rows
 
 
-def render(result: "TaskSpaceResult", summary: Mapping[str, Any],
+def render(result: TaskSpaceResult, summary: Mapping[str, Any],
            provenance: Mapping[str, Any]) -> str:
     """Markdown report; figures are referenced by their file names next to report.md."""
     s = result.settings

@@ -1,12 +1,11 @@
-"""One task-space analysis end to end: sketches → matrices, uncertainty, hypothesis tests, files.
+"""Analyse one task space and save it: sketches → matrices, uncertainty, hypothesis tests, files.
 
-``analyze`` is pure (arrays in, a result out); ``save`` writes the npz, stats.json, figures and
-report.md. The launch script ``launch/task_space.py`` is a thin wrapper over the two.
+``analyze`` is pure (arrays in, a `TaskSpaceResult` out); ``save`` writes the npz, stats.json,
+figures and report.md, each atomically (a reader never sees a half-written file). The launch
+script ``launch/task_space.py`` is a thin wrapper over the two.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -14,40 +13,17 @@ from typing import Any
 
 import numpy as np
 
+from lmgrad import io as lio
 from lmgrad.analysis import figures, report
 from lmgrad.analysis.hypothesis import Hypothesis
+from lmgrad.analysis.result import TaskSpaceResult
 from lmgrad.analysis.space import (block_similarities_from_means, check_sketches,
                                    is_global_layout, normalize_layout, pair_cosine_matrix,
                                    require_pairs, require_tasks, similarity, task_index,
                                    task_means)
-from lmgrad.analysis.stats import (StatResult, cluster_agreement, compare_task_spaces, mantel,
-                                   min_attainable_p,
-                                   offdiag_correlation, within_between)
-from lmgrad.analysis.uncertainty import (BootstrapResult, Reliability, bootstrap_similarity,
-                                         split_half_reliability)
-
-
-@dataclasses.dataclass
-class TaskSpaceResult:
-    """Everything one analysis produced; ``save`` turns it into files."""
-    names: np.ndarray                       # [T] task names (sorted)
-    counts: np.ndarray                      # [T] pairs per task
-    kind: str                               # cosine | pearson
-    similarity: np.ndarray                  # [T, T]
-    pair_cosine: np.ndarray                 # [T, T] mean per-pair cosine; diagonal = coherence
-    group_by: str
-    groups: dict[str, np.ndarray]           # {group: [T, T]}
-    global_only: bool                       # one undivided sketch block: no per-layer view
-    bootstrap: BootstrapResult
-    reliability: Reliability
-    hypothesis: Hypothesis
-    stats: dict[str, StatResult]
-    sketch_check: StatResult | None
-    settings: dict[str, Any]
-
-    @property
-    def coherence(self) -> dict[str, float]:
-        return {str(n): float(v) for n, v in zip(self.names, np.diag(self.pair_cosine))}
+from lmgrad.analysis.stats import (StatResult, cluster_agreement, compare_task_spaces, jsonable,
+                                   mantel, min_attainable_p, offdiag_correlation, within_between)
+from lmgrad.analysis.uncertainty import bootstrap_similarity, split_half_reliability
 
 
 def analyze(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarray, hypothesis: Hypothesis, *,
@@ -112,7 +88,6 @@ def _group_key(name: str) -> str:
 
 def stats_dict(result: TaskSpaceResult, provenance: Mapping[str, Any] | None = None) -> dict:
     """JSON-ready summary of every statistic (what stats.json holds)."""
-    from lmgrad.analysis.stats import jsonable
     bw = result.bootstrap.width
     iu = np.triu_indices(len(result.names), 1)
     coh = np.diag(result.pair_cosine)
@@ -151,7 +126,8 @@ def stats_dict(result: TaskSpaceResult, provenance: Mapping[str, Any] | None = N
 
 def save(result: TaskSpaceResult, workdir: str, provenance: Mapping[str, Any] | None = None
          ) -> dict[str, str]:
-    """Write task_space.npz, stats.json, heatmap.png, layers.png, hypothesis.png, report.md."""
+    """Write task_space.npz, stats.json, heatmap.png, layers.png, hypothesis.png, report.md
+    (each atomically); returns ``{kind: path}``."""
     os.makedirs(workdir, exist_ok=True)
     paths = {k: os.path.join(workdir, f) for k, f in [
         ("npz", "task_space.npz"), ("stats", "stats.json"), ("heatmap", "heatmap.png"),
@@ -169,13 +145,10 @@ def save(result: TaskSpaceResult, workdir: str, provenance: Mapping[str, Any] | 
         arrays["categories"] = result.hypothesis.categories.astype(str)
     for g in group_names:
         arrays[_group_key(g)] = result.groups[g]
-    tmp = paths["npz"] + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, paths["npz"])
+    lio.write_npz(paths["npz"], **arrays)
 
     summary = stats_dict(result, provenance)
-    with open(paths["stats"], "w") as f:
-        json.dump(summary, f, indent=2, allow_nan=False)
+    lio.write_json(paths["stats"], summary, indent=2, allow_nan=False)
 
     cats = result.hypothesis.categories
     order = figures.plot_heatmap(result.similarity, result.names, paths["heatmap"],
@@ -188,6 +161,5 @@ def save(result: TaskSpaceResult, workdir: str, provenance: Mapping[str, Any] | 
     figures.plot_hypothesis(result.similarity, result.hypothesis.matrix, paths["hypothesis"],
                             categorical=cats is not None,
                             title=f"similarity vs {result.hypothesis.name}")
-    with open(paths["report"], "w") as f:
-        f.write(report.render(result, summary, provenance or {}))
+    lio.write_text(paths["report"], report.render(result, summary, provenance or {}))
     return paths
