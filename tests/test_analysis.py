@@ -1,5 +1,8 @@
 """lmgrad.analysis against plain float64 loops, scipy, and statistical bounds from theory."""
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -371,3 +374,26 @@ def test_analyze_and_save_global_layout(tmp_path):
     assert "single global block" in text and "no per-layer" in text
     stats = json.load(open(paths["stats"]))
     assert stats["tests"]["mantel"]["p_value"] < 0.05
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic writes leave no temp files
+    assert open(paths["heatmap"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_import_and_save_leave_matplotlib_backend_alone(tmp_path):
+    # Importing lmgrad.analysis must not load matplotlib, and saving figures must keep the backend
+    # the caller chose (the figures are rendered through the object API, not pyplot).
+    code = f"""
+import sys, numpy as np
+import lmgrad.analysis as A
+assert "matplotlib" not in sys.modules, "import lmgrad.analysis loaded matplotlib"
+import matplotlib
+matplotlib.use("svg")
+rng = np.random.default_rng(0)
+tasks = np.repeat(["a", "b", "c"], 4)
+x = rng.normal(size=(12, 8)).astype(np.float32)
+res = A.analyze(x, tasks, A.categorical(["a", "b", "c"], ["p", "p", "q"], "h"), n_boot=5, n_perm=9, n_splits=2)
+A.save(res, {str(tmp_path)!r})
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+"""
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
+    assert sorted(os.listdir(tmp_path)) == ["heatmap.png", "hypothesis.png", "layers.png",
+                                            "report.md", "stats.json", "task_space.npz"]

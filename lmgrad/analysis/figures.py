@@ -1,23 +1,32 @@
-"""Figures for a task space (matplotlib, Agg): clustered heatmap, per-group panels, hypothesis view.
+"""Figures for a task space (matplotlib): clustered heatmap, per-group panels, hypothesis view.
 
 Sized for up to ~70 tasks: labels shrink with T so every task name stays legible at 150 dpi.
+
+matplotlib is imported inside the plotting functions and only its object API is used (a
+`matplotlib.figure.Figure` rendered to PNG bytes, no pyplot), which needs no backend: importing
+`lmgrad.analysis` does not load matplotlib, and plotting keeps whatever backend the caller chose.
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-import matplotlib
+import numpy as np
+from scipy.cluster import hierarchy
 
-matplotlib.use("Agg")
-import matplotlib.patches  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.cluster import hierarchy  # noqa: E402
-
-from lmgrad.analysis.stats import cluster_linkage  # noqa: E402
-from lmgrad.analysis.uncertainty import offdiag  # noqa: E402
+from lmgrad import io as lio
+from lmgrad.analysis.stats import cluster_linkage
+from lmgrad.analysis.uncertainty import offdiag
 
 DPI = 150
+
+
+def _save(fig: Any, path: str) -> None:
+    # Render to memory, then replace the file atomically: no half-written PNG next to report.md.
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    lio.atomic_write(path, buf.getvalue())
 
 
 def _label_size(t: int) -> float:
@@ -32,8 +41,10 @@ def _vlim(sim: np.ndarray) -> float:
 
 
 def _category_colours(categories: np.ndarray) -> tuple[np.ndarray, dict[str, tuple]]:
+    import matplotlib
+
     uniq = list(dict.fromkeys(categories.tolist()))
-    cmap = plt.get_cmap("tab20" if len(uniq) > 10 else "tab10")
+    cmap = matplotlib.colormaps["tab20" if len(uniq) > 10 else "tab10"]
     lut = {c: cmap(i % cmap.N) for i, c in enumerate(uniq)}
     return np.array([lut[c] for c in categories]), lut
 
@@ -49,12 +60,15 @@ def cluster_order(sim: np.ndarray) -> np.ndarray:
 def plot_heatmap(sim: np.ndarray, names: Sequence[str], path: str, *,
                  categories: Sequence[str] | None = None, title: str = "Task similarity") -> np.ndarray:
     """Clustered heatmap with a dendrogram and a category colour bar; returns the task order."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     sim = np.asarray(sim, np.float64)
     names = np.asarray(names).astype(str)
     t = len(names)
     fs = _label_size(t)
     size = float(np.clip(0.16 * t + 4, 6, 16))
-    fig = plt.figure(figsize=(size + 1.5, size))
+    fig = Figure(figsize=(size + 1.5, size))
     # The spacer column leaves room for the task labels on the right before the colour scale.
     gs = fig.add_gridspec(1, 5, width_ratios=[1.6, 0.25, size, 1.8, 0.3], wspace=0.02)
     ax_d = fig.add_subplot(gs[0])
@@ -79,28 +93,30 @@ def plot_heatmap(sim: np.ndarray, names: Sequence[str], path: str, *,
         cats = np.asarray(categories).astype(str)
         rgba, lut = _category_colours(cats)
         ax_c.imshow(rgba[order][:, None, :], aspect="auto", interpolation="nearest")
-        handles = [matplotlib.patches.Patch(color=c, label=k) for k, c in lut.items()]
+        handles = [Patch(color=c, label=k) for k, c in lut.items()]
         fig.legend(handles=handles, loc="lower left", fontsize=max(fs, 5), frameon=False,
                    ncol=max(1, len(lut) // 12 + 1), title="category", title_fontsize=7)
     ax_c.axis("off")
     cax = fig.add_subplot(gs[4])
     fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
     ax_d.set_ylim(ax_d.get_ylim())  # keep dendrogram leaves aligned with heatmap rows
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
     return order
 
 
 def plot_groups(group_sims: Mapping[str, np.ndarray], names: Sequence[str], order: np.ndarray,
                 path: str, *, note: str | None = None) -> None:
     """Small heatmaps per layer / module type, all in the same task order (one shared scale)."""
+    from matplotlib.figure import Figure
+
     groups = list(group_sims)
     g = len(groups)
     ncol = int(np.ceil(np.sqrt(g)))
     nrow = int(np.ceil(g / ncol))
     t = len(names)
     panel = 2.6 if t <= 30 else 3.2
-    fig, axes = plt.subplots(nrow, ncol, figsize=(panel * ncol, panel * nrow + 0.4), squeeze=False)
+    fig = Figure(figsize=(panel * ncol, panel * nrow + 0.4))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     v = max(_vlim(s) for s in group_sims.values())
     im = None
     show_labels = g == 1 or t <= 12
@@ -120,18 +136,20 @@ def plot_groups(group_sims: Mapping[str, np.ndarray], names: Sequence[str], orde
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6).ax.tick_params(labelsize=7)
     fig.suptitle(note or "Task similarity per group (same task order as the heatmap)", fontsize=9)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_hypothesis(sim: np.ndarray, hyp: np.ndarray, path: str, *, categorical: bool,
                     title: str = "") -> None:
     """Off-diagonal similarity by hypothesis value: box + jittered points for a grouping
     (same vs different category), a scatter for a free hypothesis matrix."""
+    from matplotlib.figure import Figure
+
     x, h = offdiag(sim), offdiag(hyp)
     ok = np.isfinite(x)
     x, h = x[ok], h[ok]
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
     rng = np.random.default_rng(0)
     if categorical:
         groups = [x[h == 0], x[h == 1]]
@@ -146,6 +164,5 @@ def plot_hypothesis(sim: np.ndarray, hyp: np.ndarray, path: str, *, categorical:
         ax.set_xlabel("hypothesis value")
     ax.set_ylabel("task similarity")
     ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
 
