@@ -5,7 +5,6 @@ ordinary ``.npy`` files, so shards memory-map with plain numpy on any machine.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from lmgrad.io import sha256_file
 from lmgrad.store.errors import StoreCorruptError
 
 FORMAT = "lmgrad.store/1"
@@ -186,14 +186,6 @@ def diff_values(stored: Any, given: Any, path: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- manifest
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def read_manifest(workdir: Path) -> dict:
     """Load and schema-check manifest.json; errors name the file and the offending field."""

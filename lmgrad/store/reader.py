@@ -234,34 +234,3 @@ def _column(values: Sequence[Any]) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
-
-
-def open_store(workdir: str | os.PathLike, *, verify: bool = True) -> Store:
-    """Open a run dir for reading. `verify` re-hashes every shard (reads all data once).
-
-    A directory of per-process stores (`process-XXXXX/`, from a multi-process run) opens as one
-    `lmgrad.store.multi.MultiStore` with the same reading API.
-    """
-    from lmgrad.store.multi import MultiStore, is_multi
-
-    if is_multi(workdir):
-        return MultiStore(workdir, verify=verify)  # type: ignore[return-value]
-    return Store(workdir, verify=verify)
-
-
-def write_store(workdir: str | os.PathLike, rows: np.ndarray, meta: Sequence[dict], *, config: dict,
-                k: int, dtype: str = "float32", layout: Sequence[dict] | None = None,
-                shard_rows: int = 1024, **writer_kw: Any) -> Store:
-    """Write all `rows` [N, k] with `meta` in shards of `shard_rows` in one call; return the Store."""
-    from lmgrad.store.writer import StoreWriter
-
-    rows = np.asarray(rows)
-    if len(meta) != len(rows):
-        raise ValueError(f"lmgrad.store: got {len(rows)} rows but {len(meta)} metadata dicts")
-    if shard_rows < 1:
-        raise ValueError(f"lmgrad.store: shard_rows must be >= 1, got {shard_rows}")
-    with StoreWriter(workdir, config=config, k=k, dtype=dtype, layout=layout,
-                     total_rows=len(rows), **writer_kw) as w:
-        for s in range(w.rows_done, len(rows), shard_rows):
-            w.write(rows[s:s + shard_rows], meta[s:s + shard_rows])
-    return open_store(workdir)

@@ -10,7 +10,6 @@ manifest entry lists; the next writer (resume or not) deletes them and rewrites 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import os
 import warnings
@@ -256,8 +255,8 @@ class StoreWriter:
         meta_bytes = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
         entry = {"file": f"{SHARD_DIR}/{data_name}", "meta_file": f"{SHARD_DIR}/{meta_name}",
                  "start": start, "rows": int(stored.shape[0]),
-                 "sha256": hashlib.sha256(data_bytes).hexdigest(),
-                 "meta_sha256": hashlib.sha256(meta_bytes).hexdigest()}
+                 "sha256": lio.sha256_bytes(data_bytes),
+                 "meta_sha256": lio.sha256_bytes(meta_bytes)}
         new_manifest = dict(self._manifest)
         new_manifest["shards"] = self._manifest["shards"] + [entry]
         new_manifest["updated"] = _now()
