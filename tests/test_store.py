@@ -385,7 +385,7 @@ def test_full_disk_leaves_store_unchanged(tmp_path, monkeypatch, fail_at):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd, data)
 
-    monkeypatch.setattr(_atomic, "write_all", full_disk)
+    monkeypatch.setattr(lio, "write_all", full_disk)
     with pytest.raises(OSError) as ei:
         w.write(rows[3:6], make_meta(3, 6))
     assert ei.value.errno == errno.ENOSPC and str(run) in str(ei.value)
