@@ -5,6 +5,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# BLiMP is never shipped: tests read the team's shared copy beside the checkout (as the Makefile
+# does), set before any test module imports lmgrad. Without it, lmgrad downloads into its cache.
+_SHARED_BLIMP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             os.pardir, "shared", "data", "blimp")
+if not os.environ.get("LMGRAD_BLIMP_DIR") and os.path.isdir(_SHARED_BLIMP):
+    os.environ["LMGRAD_BLIMP_DIR"] = os.path.normpath(_SHARED_BLIMP)
 
 import pathlib  # noqa: E402
 

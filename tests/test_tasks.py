@@ -1,20 +1,27 @@
-"""lmgrad.tasks: JSONL loader, packaged BLiMP, selector language and sampling."""
+"""lmgrad.tasks: JSONL loader, BLiMP from a directory or the download cache, selector language,
+sampling."""
 import collections
 import gzip
+import hashlib
 import json
 import os
 import pathlib
+import shutil
+import urllib.error
+import urllib.request
 
 import pytest
 
 from lmgrad.tasks import (
-    Pair, Task, TaskDataError, blimp_taxonomy, blimp_uids, load_blimp, load_jsonl,
-    select_tasks, subsample, task_provenance,
+    BLIMP_UIDS, Pair, Task, TaskDataError, blimp_path, blimp_source_dir, blimp_taxonomy, blimp_uids,
+    load_blimp, load_jsonl, select_tasks, set_blimp_dir, subsample, task_provenance,
 )
+from lmgrad.tasks import blimp as blimp_mod
 
-# CI checks out the project with the team's shared/ folder beside it.
+# conftest.py points LMGRAD_BLIMP_DIR at the team's shared copy (beside the checkout in CI).
 SHARED_BLIMP = pathlib.Path(os.environ.get(
     "LMGRAD_BLIMP_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"))
+needs_blimp = pytest.mark.skipif(not SHARED_BLIMP.is_dir(), reason="no BLiMP copy at LMGRAD_BLIMP_DIR")
 
 
 def _write(path, lines):
@@ -135,11 +142,13 @@ def test_blimp_unknown_uid():
         load_blimp(["passive_9"])
 
 
-@pytest.mark.skipif(not SHARED_BLIMP.is_dir(), reason="no uncompressed BLiMP copy to compare with")
+@needs_blimp
 def test_blimp_matches_source_copy():
     files = sorted(SHARED_BLIMP.glob("*.jsonl"))
-    assert [f.name[:-6] for f in files] == blimp_uids()
+    assert [f.name[:-6] for f in files] == blimp_uids() == list(BLIMP_UIDS)
     for f, task in zip(files, load_blimp()):
+        # The shared copy is BLiMP at the pinned commit, so a download would pass its check.
+        assert task.sha256 == hashlib.sha256(f.read_bytes()).hexdigest() == blimp_mod.BLIMP_SHA256[task.uid]
         src = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
         assert len(src) == len(task.pairs)
         for r, p in zip(src, task.pairs):
@@ -147,6 +156,137 @@ def test_blimp_matches_source_copy():
                    "pairID": p.pairID, "field": p.field, "linguistics_term": p.linguistics_term, **p.meta}
             want = dict(r, field="syntax_semantics" if r["field"] == "syntax/semantics" else r["field"])
             assert got == want
+
+
+# ------------------------------------------------ BLiMP: directory, env var, download cache
+
+
+@pytest.fixture
+def no_blimp_config(monkeypatch, tmp_path):
+    """No directory configured and an empty cache under tmp_path; returns the cache dir."""
+    monkeypatch.delenv("LMGRAD_BLIMP_DIR", raising=False)
+    monkeypatch.setattr(blimp_mod, "_explicit_dir", None)
+    monkeypatch.setenv("LMGRAD_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "blimp"
+
+
+def _blimp_dir_copy(dest: pathlib.Path, skip=(), gz=()) -> pathlib.Path:
+    """`dest` with every shared paradigm symlinked, except `skip`; `gz` ones gzip-compressed."""
+    dest.mkdir()
+    for uid in BLIMP_UIDS:
+        if uid in gz:
+            (dest / f"{uid}.jsonl.gz").write_bytes(gzip.compress((SHARED_BLIMP / f"{uid}.jsonl").read_bytes()))
+        elif uid not in skip:
+            (dest / f"{uid}.jsonl").symlink_to(SHARED_BLIMP / f"{uid}.jsonl")
+    return dest
+
+
+def test_blimp_uids_known_without_data(no_blimp_config, monkeypatch):
+    def offline(*a, **k):
+        raise AssertionError("no download expected")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert len(blimp_uids()) == 67 and blimp_uids() == sorted(BLIMP_UIDS)
+    with pytest.raises(TaskDataError, match="passive_1"):  # still lists valid UIDs
+        load_blimp(["passive_9"])
+
+
+@needs_blimp
+def test_blimp_from_env_var_setter_and_argument(tmp_path, monkeypatch, no_blimp_config):
+    env_dir = _blimp_dir_copy(tmp_path / "env", gz={"passive_2"})
+    monkeypatch.setenv("LMGRAD_BLIMP_DIR", str(env_dir))
+    assert blimp_source_dir() == (env_dir, "$LMGRAD_BLIMP_DIR")
+    assert blimp_path("passive_1") == env_dir / "passive_1.jsonl"
+    assert blimp_path("passive_2") == env_dir / "passive_2.jsonl.gz"
+    p1, p2 = load_blimp(["passive_1", "passive_2"])
+    # sha256 is of the uncompressed bytes, however the file is stored.
+    assert p2.sha256 == blimp_mod.BLIMP_SHA256["passive_2"] and len(p2.pairs) == 1000
+    assert blimp_taxonomy()["passive_2"]["linguistics_term"] == "argument_structure"
+
+    other = _blimp_dir_copy(tmp_path / "set")
+    set_blimp_dir(other)
+    try:
+        assert blimp_source_dir() == (other, "set_blimp_dir")  # the setter beats the env var
+        assert blimp_source_dir(env_dir) == (env_dir, "blimp_dir argument")  # the argument beats both
+        assert select_tasks("passive_1", blimp_dir=env_dir)[0] == p1
+    finally:
+        set_blimp_dir(None)
+    assert blimp_source_dir()[1] == "$LMGRAD_BLIMP_DIR"
+
+
+@needs_blimp
+def test_blimp_dir_missing_paradigm_or_absent(tmp_path, monkeypatch, no_blimp_config):
+    partial = _blimp_dir_copy(tmp_path / "partial", skip={"wh_island", "passive_1"})
+    monkeypatch.setenv("LMGRAD_BLIMP_DIR", str(partial))
+    with pytest.raises(TaskDataError) as e:
+        load_blimp(["passive_2"])  # any use checks the whole directory
+    msg = str(e.value)
+    assert str(partial) in msg and "LMGRAD_BLIMP_DIR" in msg and "2 of the 67" in msg
+    assert "passive_1, wh_island" in msg
+    clone = tmp_path / "clone"  # a clone's root rather than its data/ folder
+    clone.mkdir()
+    (clone / "data").symlink_to(SHARED_BLIMP)
+    monkeypatch.setenv("LMGRAD_BLIMP_DIR", str(clone))
+    with pytest.raises(TaskDataError, match=f"did you mean {clone / 'data'}"):
+        blimp_taxonomy()
+    monkeypatch.setenv("LMGRAD_BLIMP_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(TaskDataError, match=r"nowhere.*does not exist"):
+        select_tasks("term:binding")
+
+
+def test_blimp_download_failure_names_both_options(no_blimp_config, monkeypatch):
+    def unreachable(url, *a, **k):
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    with pytest.raises(TaskDataError) as e:
+        load_blimp(["passive_1"])
+    msg = str(e.value)
+    assert f"{blimp_mod.BLIMP_BASE_URL}/passive_1.jsonl" in msg and "no route to host" in msg
+    assert "LMGRAD_BLIMP_DIR" in msg and "github.com/alexwarstadt/blimp" in msg and "download" in msg
+    assert str(no_blimp_config) in msg
+    assert not no_blimp_config.exists() or not any(no_blimp_config.iterdir())
+    # A selection that needs no BLiMP works offline.
+    assert select_tasks("file:" + str(_write(no_blimp_config.parent.parent / "x.jsonl", [_row()])))
+
+
+@needs_blimp
+def test_blimp_download_to_cache_end_to_end(tmp_path, monkeypatch, no_blimp_config):
+    mirror = tmp_path / "mirror"  # a stand-in for raw.githubusercontent.com
+    mirror.mkdir()
+    for uid in ("passive_1", "wh_island"):
+        shutil.copy(SHARED_BLIMP / f"{uid}.jsonl", mirror / f"{uid}.jsonl")
+    monkeypatch.setattr(blimp_mod, "BLIMP_BASE_URL", mirror.as_uri())
+    fetched, written = [], []
+    real_urlopen, real_write = urllib.request.urlopen, blimp_mod.atomic_write
+
+    def counting_urlopen(url, *a, **k):
+        fetched.append(url)
+        return real_urlopen(url, *a, **k)
+
+    def spy_write(path, data):
+        written.append(pathlib.Path(path))
+        return real_write(path, data)
+    monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
+    monkeypatch.setattr(blimp_mod, "atomic_write", spy_write)
+
+    p1, wh = load_blimp(["passive_1", "wh_island"])
+    assert fetched == [f"{mirror.as_uri()}/passive_1.jsonl", f"{mirror.as_uri()}/wh_island.jsonl"]
+    assert written == [no_blimp_config / "passive_1.jsonl", no_blimp_config / "wh_island.jsonl"]
+    assert sorted(os.listdir(no_blimp_config)) == ["passive_1.jsonl", "wh_island.jsonl"]  # no temp files
+    assert (no_blimp_config / "passive_1.jsonl").read_bytes() == (SHARED_BLIMP / "passive_1.jsonl").read_bytes()
+    assert p1.sha256 == blimp_mod.BLIMP_SHA256["passive_1"] and len(wh.pairs) == 1000
+    assert blimp_source_dir() == (no_blimp_config, "cache")
+
+    # Second use: read from the cache, nothing downloaded again.
+    assert blimp_path("passive_1") == no_blimp_config / "passive_1.jsonl"
+    assert load_blimp(["passive_1"]) == [p1] and len(fetched) == 2
+
+    # A paradigm the mirror lacks fails with the URL; a corrupt one is refused and not cached.
+    with pytest.raises(TaskDataError, match=r"passive_2\.jsonl.*LMGRAD_BLIMP_DIR"):
+        load_blimp(["passive_2"])
+    (mirror / "wh_questions_object_gap.jsonl").write_bytes(b'{"sentence_good": "a", "sentence_bad": "b"}\n')
+    with pytest.raises(TaskDataError, match="sha256.*expected"):
+        load_blimp(["wh_questions_object_gap"])
+    assert sorted(os.listdir(no_blimp_config)) == ["passive_1.jsonl", "wh_island.jsonl"]
 
 
 # ---------------------------------------------------------------- selection
@@ -236,3 +376,4 @@ def test_unicode_line_separator_inside_string(tmp_path):
         load_jsonl(p)
     p.write_text(json.dumps(rows[0], ensure_ascii=False) + "\r\n", encoding="utf-8")
     assert load_jsonl(p)[0].pairs[0].sentence_good == "a\u2028b"
+

@@ -1,5 +1,5 @@
-"""Minimal-pair tasks: schema and loader, packaged BLiMP, selection, tokenisation and
-length-bucketed batching."""
+"""Minimal-pair tasks: schema and loader, BLiMP (read from a directory or downloaded and cached),
+selection, tokenisation and length-bucketed batching."""
 from lmgrad.tasks.batching import (
     PAD_ID,
     Batch,
@@ -12,14 +12,24 @@ from lmgrad.tasks.batching import (
     iter_pair_batches,
     make_batch,
 )
-from lmgrad.tasks.blimp import blimp_taxonomy, blimp_uids, load_blimp
+from lmgrad.tasks.blimp import (
+    BLIMP_DIR_ENV_VAR,
+    BLIMP_UIDS,
+    blimp_path,
+    blimp_source_dir,
+    blimp_taxonomy,
+    blimp_uids,
+    load_blimp,
+    set_blimp_dir,
+)
 from lmgrad.tasks.pairs import Pair, Task, TaskDataError, load_jsonl, normalise_field, parse_jsonl
 from lmgrad.tasks.selection import select_tasks, subsample, task_provenance
 
 __all__ = [
-    "PAD_ID", "Batch", "bos_id", "bucket_length", "encode", "encode_pairs", "first_difference",
-    "iter_bucketed", "iter_pair_batches", "make_batch",
-    "blimp_taxonomy", "blimp_uids", "load_blimp",
+    "PAD_ID", "Batch", "bos_id", "bucket_length", "encode", "encode_pairs",
+    "first_difference", "iter_bucketed", "iter_pair_batches", "make_batch",
+    "BLIMP_DIR_ENV_VAR", "BLIMP_UIDS", "blimp_path", "blimp_source_dir", "blimp_taxonomy", "blimp_uids",
+    "load_blimp", "set_blimp_dir",
     "Pair", "Task", "TaskDataError", "load_jsonl", "normalise_field", "parse_jsonl",
     "select_tasks", "subsample", "task_provenance",
 ]

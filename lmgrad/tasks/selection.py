@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lmgrad.tasks.blimp import blimp_taxonomy, blimp_uids, load_blimp
+from lmgrad.tasks.blimp import BLIMP_UIDS, blimp_taxonomy, blimp_uids, load_blimp
 from lmgrad.tasks.pairs import Task, TaskDataError, load_jsonl, normalise_field
 
 __all__ = ["select_tasks", "subsample", "task_provenance"]
@@ -22,7 +22,13 @@ _KINDS = {
 }
 
 
-def select_tasks(selector: str, *, max_pairs_per_task: int | None = None, seed: int = 0) -> list[Task]:
+def select_tasks(
+    selector: str,
+    *,
+    max_pairs_per_task: int | None = None,
+    seed: int = 0,
+    blimp_dir: str | os.PathLike | None = None,
+) -> list[Task]:
     """Resolve a selector string to Tasks, sorted by uid and de-duplicated.
 
     Grammar: clauses joined by ``,`` or ``+`` (union). A clause is ``kind:value``; a bare
@@ -45,6 +51,8 @@ def select_tasks(selector: str, *, max_pairs_per_task: int | None = None, seed: 
       max_pairs_per_task: keep at most this many pairs per Task, a seeded sample without
         replacement in original order (see `subsample`).
       seed: non-negative sampling seed.
+      blimp_dir: where to read BLiMP from (see `lmgrad.tasks.blimp`); default: the
+        configured directory, ``$LMGRAD_BLIMP_DIR``, else the download cache.
 
     Raises:
       TaskDataError: unknown UID / term / field (listing valid values), a clause without
@@ -76,8 +84,8 @@ def select_tasks(selector: str, *, max_pairs_per_task: int | None = None, seed: 
         else:
             bucket[kind or "uid"].append(item)
 
-    tax = blimp_taxonomy()
-    _check_known(selector, "BLiMP UID", uids, tax.keys())
+    tax = blimp_taxonomy(blimp_dir=blimp_dir) if (terms or fields) else {}
+    _check_known(selector, "BLiMP UID", uids, BLIMP_UIDS)
     valid_terms = {v["linguistics_term"] for v in tax.values()}
     _check_known(selector, "linguistics_term", terms, valid_terms)
     fields = [normalise_field(f) for f in fields]
@@ -87,7 +95,7 @@ def select_tasks(selector: str, *, max_pairs_per_task: int | None = None, seed: 
     chosen = set(uids)
     chosen |= {u for u, v in tax.items() if v["linguistics_term"] in terms}
     chosen |= {u for u, v in tax.items() if v["field"] in fields}
-    tasks = load_blimp(chosen) if chosen else []
+    tasks = load_blimp(chosen, blimp_dir=blimp_dir) if chosen else []
     seen_files = set()
     for path in files:
         real = os.path.realpath(path)
