@@ -377,3 +377,21 @@ def test_unicode_line_separator_inside_string(tmp_path):
     p.write_text(json.dumps(rows[0], ensure_ascii=False) + "\r\n", encoding="utf-8")
     assert load_jsonl(p)[0].pairs[0].sentence_good == "a\u2028b"
 
+# ---------------------------------------------------------------- selector: bare paths
+
+
+def test_select_bare_path_is_a_file(tmp_path):
+    p = _write(tmp_path / "mine.jsonl", [_row(UID="zz_custom")])
+    gz = tmp_path / "other.jsonl.gz"
+    gz.write_bytes(gzip.compress(_row(UID="aa_custom").encode()))
+    assert select_tasks(str(p)) == select_tasks(f"file:{p}")
+    got = select_tasks(f"{p},{gz}+passive_2")
+    assert [t.uid for t in got] == ["aa_custom", "passive_2", "zz_custom"]
+    assert got[0].source == str(gz)
+
+
+@pytest.mark.parametrize("item", ["/no/such/pairs.jsonl", "pairs.jsonl.gz", "data/passive_1"])
+def test_select_path_like_uid_suggests_file(item):
+    with pytest.raises(TaskDataError, match=f"did you mean file:{item}\\?"):
+        select_tasks(f"blimp:passive_2,{item}")
+

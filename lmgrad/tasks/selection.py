@@ -42,7 +42,8 @@ def select_tasks(
     - ``field:F``                       BLiMP paradigms with that field (morphology, syntax,
       semantics, syntax_semantics; ``syntax/semantics`` is accepted)
     - ``file:PATH``                     every Task in a JSONL (or .jsonl.gz) pairs file;
-      PATH may not contain ``,`` or ``+``
+      PATH may not contain ``,`` or ``+``. A bare item that is an existing file ending in
+      ``.jsonl`` or ``.jsonl.gz`` is read as ``file:`` too.
 
     Example: ``"term:binding+field:morphology,file:extra.jsonl"``.
 
@@ -55,8 +56,9 @@ def select_tasks(
         configured directory, ``$LMGRAD_BLIMP_DIR``, else the download cache.
 
     Raises:
-      TaskDataError: unknown UID / term / field (listing valid values), a clause without
-        a value, the same uid from two different sources, or an empty selection.
+      TaskDataError: unknown UID / term / field (listing valid values; a UID that looks
+        like a path suggests ``file:``), a clause without a value, the same uid from two
+        different sources, or an empty selection.
     """
     uids: list[str] = []
     terms: list[str] = []
@@ -81,8 +83,18 @@ def select_tasks(
         elif item.lower() == "blimp":
             uids.extend(blimp_uids())
             kind = "uid"
+        elif (kind or "uid") == "uid" and _is_pairs_file(item):
+            # A bare path is unambiguous: no BLiMP UID ends in .jsonl. Later bare items
+            # keep the clause's kind, as the user did not write `file:`.
+            files.append(item)
         else:
             bucket[kind or "uid"].append(item)
+
+    pathlike = sorted({u for u in uids if u not in BLIMP_UIDS and ("/" in u or u.endswith(_PAIRS_SUFFIXES))})
+    if pathlike:
+        hint = "; ".join(f"did you mean file:{u}?" + ("" if os.path.exists(u) else " (no such file)")
+                         for u in pathlike)
+        raise TaskDataError(f"selector {selector!r}: unknown BLiMP UID(s) {pathlike}: {hint}")
 
     tax = blimp_taxonomy(blimp_dir=blimp_dir) if (terms or fields) else {}
     _check_known(selector, "BLiMP UID", uids, BLIMP_UIDS)
@@ -158,6 +170,13 @@ def task_provenance(tasks: Sequence[Task]) -> list[dict[str, Any]]:
 def _stable_hash(s: str) -> int:
     # Python's hash() is salted per process; this is stable across runs and hosts.
     return int.from_bytes(hashlib.sha256(s.encode("utf-8")).digest()[:8], "little")
+
+
+_PAIRS_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+def _is_pairs_file(item: str) -> bool:
+    return item.endswith(_PAIRS_SUFFIXES) and os.path.isfile(item)
 
 
 def _check_known(selector: str, what: str, values, valid) -> None:
