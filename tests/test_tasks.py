@@ -1,5 +1,5 @@
 """lmgrad.tasks: JSONL loader, BLiMP from a directory or the download cache, selector language,
-sampling."""
+sampling and degenerate pairs."""
 import collections
 import gzip
 import hashlib
@@ -9,12 +9,15 @@ import pathlib
 import shutil
 import urllib.error
 import urllib.request
+import warnings
 
+import numpy as np
 import pytest
 
 from lmgrad.tasks import (
     BLIMP_UIDS, Pair, Task, TaskDataError, blimp_path, blimp_source_dir, blimp_taxonomy, blimp_uids,
-    load_blimp, load_jsonl, select_tasks, set_blimp_dir, subsample, task_provenance,
+    degenerate_pairs, drop_degenerate, load_blimp, load_jsonl, select_tasks, set_blimp_dir, subsample,
+    task_provenance,
 )
 from lmgrad.tasks import blimp as blimp_mod
 
@@ -207,7 +210,7 @@ def test_blimp_from_env_var_setter_and_argument(tmp_path, monkeypatch, no_blimp_
     try:
         assert blimp_source_dir() == (other, "set_blimp_dir")  # the setter beats the env var
         assert blimp_source_dir(env_dir) == (env_dir, "blimp_dir argument")  # the argument beats both
-        assert select_tasks("passive_1", blimp_dir=env_dir)[0] == p1
+        assert select_tasks("passive_2", blimp_dir=env_dir)[0] == p2
     finally:
         set_blimp_dir(None)
     assert blimp_source_dir()[1] == "$LMGRAD_BLIMP_DIR"
@@ -377,6 +380,7 @@ def test_unicode_line_separator_inside_string(tmp_path):
     p.write_text(json.dumps(rows[0], ensure_ascii=False) + "\r\n", encoding="utf-8")
     assert load_jsonl(p)[0].pairs[0].sentence_good == "a\u2028b"
 
+
 # ---------------------------------------------------------------- selector: bare paths
 
 
@@ -395,3 +399,76 @@ def test_select_path_like_uid_suggests_file(item):
     with pytest.raises(TaskDataError, match=f"did you mean file:{item}\\?"):
         select_tasks(f"blimp:passive_2,{item}")
 
+
+# ---------------------------------------------------------------- degenerate pairs
+
+
+def _old_subsample_ids(task: Task, n: int, seed: int) -> list[str]:
+    """`subsample` as it was before degenerate pairs were dropped (commit cb84206): the reference."""
+    if len(task.pairs) <= n:
+        return [p.pairID for p in task.pairs]
+    h = int.from_bytes(hashlib.sha256(task.uid.encode("utf-8")).digest()[:8], "little")
+    rng = np.random.default_rng([seed, h])
+    idx = np.sort(rng.choice(len(task.pairs), size=n, replace=False))
+    return [task.pairs[i].pairID for i in idx]
+
+
+def test_degenerate_pair_dropped_before_sampling_and_recorded(tmp_path):
+    rows = [_row(UID="t", pairID=str(i), sentence_good=f"Cats {i} sleep.", sentence_bad=f"Cats {i} sleeps.")
+            for i in range(6)]
+    rows[2] = _row(UID="t", pairID="2", sentence_good="Cats sleep. ", sentence_bad=" Cats sleep.")
+    p = _write(tmp_path / "deg.jsonl", rows)
+    with pytest.warns(UserWarning, match=r"'t'.*1 pair.*\['2'\]"):
+        (t,) = select_tasks(f"file:{p}")
+    assert [q.pairID for q in t.pairs] == ["0", "1", "3", "4", "5"] and t.degenerate_pair_ids == ("2",)
+    (row,) = task_provenance([t])
+    assert row["n_degenerate_dropped"] == 1 and row["degenerate_pair_ids"] == ["2"] and row["n_pairs"] == 5
+    json.dumps(row)
+    with pytest.warns(UserWarning):
+        (s,) = select_tasks(f"file:{p}", max_pairs_per_task=3, seed=1)
+    assert "2" not in {q.pairID for q in s.pairs} and len(s.pairs) == 3
+    assert task_provenance([s])[0]["degenerate_pair_ids"] == ["2"]
+    # A task without degenerate pairs is untouched and says so.
+    clean = load_jsonl(_write(tmp_path / "clean.jsonl", [_row(), _row(pairID="1", sentence_bad="Cat sleep.")]))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert drop_degenerate(clean) is clean
+    assert task_provenance([clean])[0]["n_degenerate_dropped"] == 0
+
+
+@needs_blimp
+def test_default_blimp_sample_has_no_degenerate_pairs():
+    with pytest.warns(UserWarning, match=r"principle_A_case_2.*'105'"):
+        tasks = select_tasks("blimp", max_pairs_per_task=12, seed=0)
+    assert len(tasks) == 67 and all(len(t.pairs) == 12 for t in tasks)
+    assert not [(t.uid, p.pairID) for t in tasks for p in t.pairs
+                if p.sentence_good.strip() == p.sentence_bad.strip()]
+    prov = {r["uid"]: r for r in task_provenance(tasks)}
+    assert prov["principle_A_case_2"]["degenerate_pair_ids"] == ["105", "287", "372", "816", "967"]
+    assert prov["passive_1"]["n_degenerate_dropped"] == 2
+    assert sum(r["n_degenerate_dropped"] for r in prov.values()) == 7
+
+
+@needs_blimp
+@pytest.mark.parametrize("n, seed", [(12, 0), (50, 3), (12, 7)])
+def test_sample_unchanged_for_tasks_without_degenerate_pairs(n, seed):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tasks = select_tasks("blimp", max_pairs_per_task=n, seed=seed)
+    full = {t.uid: t for t in load_blimp()}
+    checked = 0
+    for t in tasks:
+        if t.degenerate_pair_ids:
+            continue
+        assert [p.pairID for p in t.pairs] == _old_subsample_ids(full[t.uid], n, seed), t.uid
+        checked += 1
+    assert checked == 65
+
+
+def test_degenerate_pairs_on_token_ids():
+    a = [np.array([1, 5, 6], np.int32), np.array([1, 7]), np.array([1, 2, 3]), np.array([1, 2])]
+    b = [np.array([1, 5, 6], np.int32), np.array([1, 8]), np.array([1, 2]), np.array([1, 2])]
+    assert degenerate_pairs(a, b) == [0, 3]
+    assert degenerate_pairs([], []) == []
+    with pytest.raises(ValueError):
+        degenerate_pairs(a, b[:2])

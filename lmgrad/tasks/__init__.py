@@ -5,6 +5,7 @@ from lmgrad.tasks.batching import (
     Batch,
     bos_id,
     bucket_length,
+    degenerate_pairs,
     encode,
     encode_pairs,
     first_difference,
@@ -23,13 +24,13 @@ from lmgrad.tasks.blimp import (
     set_blimp_dir,
 )
 from lmgrad.tasks.pairs import Pair, Task, TaskDataError, load_jsonl, normalise_field, parse_jsonl
-from lmgrad.tasks.selection import select_tasks, subsample, task_provenance
+from lmgrad.tasks.selection import drop_degenerate, select_tasks, subsample, task_provenance
 
 __all__ = [
-    "PAD_ID", "Batch", "bos_id", "bucket_length", "encode", "encode_pairs",
+    "PAD_ID", "Batch", "bos_id", "bucket_length", "degenerate_pairs", "encode", "encode_pairs",
     "first_difference", "iter_bucketed", "iter_pair_batches", "make_batch",
     "BLIMP_DIR_ENV_VAR", "BLIMP_UIDS", "blimp_path", "blimp_source_dir", "blimp_taxonomy", "blimp_uids",
     "load_blimp", "set_blimp_dir",
     "Pair", "Task", "TaskDataError", "load_jsonl", "normalise_field", "parse_jsonl",
-    "select_tasks", "subsample", "task_provenance",
+    "drop_degenerate", "select_tasks", "subsample", "task_provenance",
 ]

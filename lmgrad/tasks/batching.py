@@ -21,7 +21,7 @@ import numpy as np
 from lmgrad.tasks.pairs import Pair, TaskDataError
 
 __all__ = [
-    "PAD_ID", "Batch", "bos_id", "encode", "encode_pairs", "bucket_length",
+    "PAD_ID", "Batch", "bos_id", "encode", "encode_pairs", "degenerate_pairs", "bucket_length",
     "first_difference", "make_batch", "iter_bucketed", "iter_pair_batches",
 ]
 
@@ -112,6 +112,19 @@ def encode_pairs(
     else:
         start = np.ones(len(pairs), dtype=np.int64)
     return good, bad, start, start.copy()
+
+
+def degenerate_pairs(good_ids: Sequence[np.ndarray], bad_ids: Sequence[np.ndarray]) -> list[int]:
+    """Indices of pairs whose good and bad token sequences are identical.
+
+    Such a pair has a log-prob and gradient differential of exactly zero. Selection already
+    drops pairs with identical sentences (`lmgrad.tasks.drop_degenerate`); this catches
+    the rest, sentences that differ only in ways the tokenizer erases, e.g. on
+    `encode_pairs` output: ``keep = set(range(n)) - set(degenerate_pairs(good, bad))``.
+    """
+    if len(good_ids) != len(bad_ids):
+        raise ValueError(f"{len(good_ids)} good sequences for {len(bad_ids)} bad ones")
+    return [i for i, (g, b) in enumerate(zip(good_ids, bad_ids)) if np.array_equal(g, b)]
 
 
 def bucket_length(n: int, *, min_len: int = 8, max_len: int | None = None) -> int:

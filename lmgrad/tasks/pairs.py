@@ -41,7 +41,11 @@ class Pair:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """All pairs sharing one UID, with provenance (`source`, `sha256` of the source bytes)."""
+    """All pairs sharing one UID, with provenance (`source`, `sha256` of the source bytes).
+
+    `degenerate_pair_ids` lists pairs of the source left out because their two sentences
+    are identical (see `lmgrad.tasks.drop_degenerate`); `sha256` still hashes the source.
+    """
 
     uid: str
     pairs: tuple[Pair, ...]
@@ -49,6 +53,7 @@ class Task:
     linguistics_term: str | None
     source: str
     sha256: str
+    degenerate_pair_ids: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.pairs)

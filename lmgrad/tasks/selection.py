@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ import numpy as np
 from lmgrad.tasks.blimp import BLIMP_UIDS, blimp_taxonomy, blimp_uids, load_blimp
 from lmgrad.tasks.pairs import Task, TaskDataError, load_jsonl, normalise_field
 
-__all__ = ["select_tasks", "subsample", "task_provenance"]
+__all__ = ["select_tasks", "subsample", "drop_degenerate", "task_provenance"]
 
 _KINDS = {
     "blimp": "uid", "uid": "uid",
@@ -46,6 +47,9 @@ def select_tasks(
       ``.jsonl`` or ``.jsonl.gz`` is read as ``file:`` too.
 
     Example: ``"term:binding+field:morphology,file:extra.jsonl"``.
+
+    Pairs whose good and bad sentences are identical (BLiMP has 7) are dropped, with a
+    warning, before sampling (see `drop_degenerate`; `task_provenance` records them).
 
     Args:
       selector: the selector string.
@@ -126,7 +130,9 @@ def select_tasks(
         by_uid.setdefault(t.uid, t)
     if not by_uid:
         raise TaskDataError(f"selector {selector!r} selects no tasks")
-    out = [by_uid[u] for u in sorted(by_uid)]
+    out = []
+    for u in sorted(by_uid):  # a loop, not a comprehension: its frame would shift stacklevel
+        out.append(_drop_degenerate(by_uid[u], stacklevel=3))
     if max_pairs_per_task is not None:
         out = [subsample(t, max_pairs_per_task, seed=seed) for t in out]
     return out
@@ -150,11 +156,35 @@ def subsample(task: Task, n: int, *, seed: int = 0) -> Task:
     return dataclasses.replace(task, pairs=tuple(task.pairs[i] for i in idx))
 
 
+def drop_degenerate(task: Task) -> Task:
+    """`task` without the pairs whose sentences are equal after stripping whitespace.
+
+    Such a pair has a gradient differential of exactly zero, which breaks per-task
+    statistics. Their pairIDs go to ``Task.degenerate_pair_ids`` (kept across calls) and a
+    warning names them. A task without any is returned as is.
+    """
+    return _drop_degenerate(task, stacklevel=3)
+
+
+def _drop_degenerate(task: Task, *, stacklevel: int) -> Task:
+    bad = [p.pairID for p in task.pairs if p.sentence_good.strip() == p.sentence_bad.strip()]
+    if not bad:
+        return task
+    # stacklevel: the warning points at the user's call (drop_degenerate or select_tasks).
+    warnings.warn(
+        f"task {task.uid!r} ({task.source}): dropped {len(bad)} pair(s) whose good and bad "
+        f"sentences are identical, pairID(s) {bad}", stacklevel=stacklevel)
+    dropped = set(bad)
+    keep = tuple(p for p in task.pairs if p.pairID not in dropped)
+    return dataclasses.replace(task, pairs=keep, degenerate_pair_ids=task.degenerate_pair_ids + tuple(bad))
+
+
 def task_provenance(tasks: Sequence[Task]) -> list[dict[str, Any]]:
     """JSON-ready provenance rows for a run manifest: one per task.
 
     `pair_ids_sha256` hashes the chosen pairIDs (newline-joined), so a subsample is
-    pinned down without listing every ID.
+    pinned down without listing every ID. `n_degenerate_dropped` and
+    `degenerate_pair_ids` say which source pairs `drop_degenerate` left out.
     """
     rows = []
     for t in tasks:
@@ -163,6 +193,8 @@ def task_provenance(tasks: Sequence[Task]) -> list[dict[str, Any]]:
             "uid": t.uid, "source": t.source, "sha256": t.sha256, "n_pairs": len(t.pairs),
             "field": t.field, "linguistics_term": t.linguistics_term,
             "pair_ids_sha256": hashlib.sha256(ids).hexdigest(),
+            "n_degenerate_dropped": len(t.degenerate_pair_ids),
+            "degenerate_pair_ids": list(t.degenerate_pair_ids),
         })
     return rows
 
