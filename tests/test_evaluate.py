@@ -1,22 +1,18 @@
-"""launch/evaluate.py end to end on a tiny random GPT-2 with a real (tiny) tokenizer, vs torch."""
+"""The evaluate stage (launch/evaluate.py, in-process) end to end on a tiny random GPT-2 with a real (tiny) tokenizer, vs torch."""
 
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from helpers_launch import run_launcher
 from helpers_tokenizer import tiny_tokenizer
 from lmgrad.models import load_model
 from lmgrad.tasks import TaskDataError, encode, select_tasks
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +38,8 @@ def _torch_logprob(model, ids):
 def test_evaluate_launch_matches_torch(tiny_ckpt, tmp_path):
     path, torch_model, tok = tiny_ckpt
     out = tmp_path / "eval"
-    cmd = [sys.executable, str(ROOT / "launch/evaluate.py"), f"--model={path}",
-           "--tasks=blimp:anaphor_gender_agreement,passive_1", "--max_pairs_per_task=6",
-           "--batch_size=4", f"--workdir={out}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_launcher("evaluate", [f"--model={path}", "--tasks=blimp:anaphor_gender_agreement,passive_1",
+                              "--max_pairs_per_task=6", "--batch_size=4", f"--workdir={out}"])
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert len(rows) == 12
@@ -72,7 +65,7 @@ def test_evaluate_launch_matches_torch(tiny_ckpt, tmp_path):
 
 
 def test_sentence_longer_than_context_is_named(tiny_ckpt, tmp_path):
-    from lmgrad.evaluate import evaluate
+    from lmgrad.jobs.evaluate import evaluate
     from lmgrad.tasks import load_jsonl
 
     path, _, _ = tiny_ckpt
@@ -85,13 +78,15 @@ def test_sentence_longer_than_context_is_named(tiny_ckpt, tmp_path):
         evaluate(model, load_jsonl(f))
 
 
-def test_empty_selection_is_an_error(tiny_ckpt, tmp_path):
+def test_empty_selection_is_an_error(tiny_ckpt, tmp_path, capsys):
     path, _, _ = tiny_ckpt
     f = tmp_path / "empty.jsonl"
     f.write_text("\n")
-    res = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), f"--model={path}",
-                          f"--tasks=file:{f}", f"--workdir={tmp_path / 'o'}"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0
-    assert "empty" in res.stderr.lower() or "no pairs" in res.stderr.lower()
+    with pytest.raises(SystemExit) as exit_:
+        run_launcher("evaluate", [f"--model={path}", f"--tasks=file:{f}", f"--workdir={tmp_path / 'o'}"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    # The message alone, naming the file, without a traceback.
+    assert err.startswith("error: ") and str(f) in err and "Traceback" not in err
+    assert "empty" in err.lower() or "no pairs" in err.lower()
     assert not (tmp_path / "o" / "summary.json").exists()

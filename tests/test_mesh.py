@@ -15,7 +15,8 @@ import transformers
 from jax.sharding import PartitionSpec as P
 
 from lmgrad import grads as lg
-from lmgrad.grads.mesh import _ShardedFn
+from lmgrad.grads.differential import per_example_core
+from lmgrad.grads.mesh import ShardedRowsFn
 from lmgrad.models import flatten_params, load_model, logits_fn
 from lmgrad.sketch import make_projector
 from lmgrad.tasks.batching import iter_pair_batches
@@ -114,7 +115,9 @@ def test_trap_replicated_params_sum_across_devices(gpt2, apply, names, fn4):
     mesh = lg.make_mesh(4)
     gb, bb = _batch(7, seed=1)  # padded to 8: 2 rows per device
     ref = lg.per_example_reference(apply, gpt2.params, names, gb, bb)
-    trap = _ShardedFn(apply, names, mesh, 2, None, vary=False)(gpt2.params, gb, bb)
+    core = per_example_core(apply, 2)
+    unguarded = ShardedRowsFn(lambda rep, g, b: core(rep[0], rep[1], g, b), mesh, multiple=2)
+    trap = unguarded(lg.split_params(gpt2.params, names), gb, bb)
     good = fn4(gpt2.params, gb, bb)
     for n in names[:3]:
         r8 = np.concatenate([ref[n], np.zeros_like(ref[n][:1])])

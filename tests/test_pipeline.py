@@ -6,15 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from helpers_launch import run_launcher
 from helpers_tokenizer import tiny_tokenizer
+from lmgrad.jobs import PipelineOptions
+from lmgrad.jobs.schema import from_dict
 from lmgrad import store as lstore
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -32,13 +33,13 @@ def _load(path):
 def test_configs_parse(path):
     mod = _load(path)
     for arg in (None, "smoke"):
-        cfg = mod.get_config(arg)
-        assert cfg.model and cfg.tasks and cfg.sketch.method in ("exact", "factored")
+        opts = from_dict(PipelineOptions, mod.get_config(arg).to_dict())
+        assert opts.inputs.model and opts.inputs.tasks and opts.sketch.method in ("auto", "exact", "factored")
     with pytest.raises(ValueError, match="variant"):
         mod.get_config("no_such_variant")
 
 
-def test_pipeline_smoke_end_to_end(tmp_path):
+def test_pipeline_smoke_end_to_end(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     tok = tiny_tokenizer()
     cfg = transformers.GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
@@ -48,16 +49,16 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     transformers.GPTNeoXForCausalLM(cfg).save_pretrained(ckpt)
     tok.save_pretrained(ckpt)
     work = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), f"--config={ROOT / 'configs/default.py'}:smoke",
-           f"--config.model={ckpt}", "--config.sketch.r_in=4", "--config.sketch.r_out=4", f"--workdir={work}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert "Report:" in res.stdout
+    argv = [f"--config={ROOT / 'configs/default.py'}:smoke", f"--config.inputs.model={ckpt}",
+            "--config.sketch.r_in=4", "--config.sketch.r_out=4", f"--workdir={work}"]
+    run_launcher("pipeline", argv)
+    assert "Report:" in capsys.readouterr().out
     summary = json.loads((work / "eval/summary.json").read_text())
     assert summary["overall"]["n_pairs"] == 24
     st = lstore.open(work / "sketches")
     assert st.complete and len(st) == 24
     assert st.config["sketch"]["method"] == "factored"
+    assert st.config["sketch"]["factored"]["r_in"] == 4  # the command-line override reached the stage
     assert len(st.layout) > 10  # one block per module: per-layer task spaces are possible
     npz = np.load(work / "task_space/task_space.npz", allow_pickle=True)
     assert npz["similarity"].shape == (6, 6)
@@ -66,12 +67,12 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     assert (work / "task_space/report.md").exists() and (work / "task_space/heatmap.png").exists()
     record = json.loads((work / "pipeline.json").read_text())
     assert set(record["timings_s"]) >= {"evaluate", "sketch:sketches", "sketch:sketches_seed1", "task_space", "total"}
+    assert record["options"]["inputs"]["model"] == str(ckpt)
     # The sketch-error check compares the task spaces of two projection seeds.
     assert lstore.open(work / "sketches_seed1").config["sketch"]["factored"]["seed"] == 1
     assert stats["sketch_check"] is not None and stats["sketch_check"]["n"] == 15
 
     # A second run reuses the finished stages (no re-scoring, no re-sketching).
-    res2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert res2.returncode == 0, res2.stderr[-4000:]
+    run_launcher("pipeline", argv)
     again = json.loads((work / "pipeline.json").read_text())
     assert not any(k.startswith("sketch") for k in again["timings_s"]) and "evaluate" not in again["timings_s"]

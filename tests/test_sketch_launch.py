@@ -1,4 +1,4 @@
-"""launch/sketch.py end to end on a tiny random checkpoint: rows equal the exact differentials'
+"""The sketch stage (lmgrad.jobs.sketch) and launch/sketch.py end to end on a tiny random checkpoint: rows equal the exact differentials'
 projection, 1 vs 4 devices agree, a SIGKILLed run resumes to the uninterrupted result, and bad
 input is refused with a reason."""
 
@@ -22,7 +22,7 @@ from lmgrad import store as lstore
 from lmgrad.grads import per_example_reference
 from lmgrad.models import flatten_params, load_model, logits_fn
 from lmgrad.sketch import make_projector
-from lmgrad.sketch_run import SketchOptions, run_sketch
+from lmgrad.jobs.sketch import SketchOptions, sketch_pairs
 from lmgrad.tasks import encode_pairs, iter_pair_batches, select_tasks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -59,8 +59,8 @@ def _launch(ckpt, workdir, *extra, wait=True):
 
 def test_rows_are_projected_exact_differentials(model, tmp_path):
     tasks = select_tasks("blimp:passive_1", max_pairs_per_task=5)
-    opts = SketchOptions(method="exact", projector="gaussian", k=32, seed=3)
-    run_sketch(model, tasks, str(tmp_path / "s"), opts, batch_size=4, shard_rows=3)
+    opts = SketchOptions(method="exact", projector="gaussian", k=32, projection_seed=3, batch_size=4, shard_rows=3)
+    sketch_pairs(model, tasks, tmp_path / "s", opts)
     st = lstore.open(tmp_path / "s")
     assert st.complete and len(st) == 5
 
@@ -85,10 +85,10 @@ def test_rows_are_projected_exact_differentials(model, tmp_path):
 def test_one_and_four_devices_agree(model, tmp_path, method):
     assert len(jax.devices()) == 4
     tasks = select_tasks(TASKS, max_pairs_per_task=3)
-    opts = SketchOptions(method=method, projector="sjlt", k=128 if method == "exact" else 0, seed=1, r_in=4, r_out=3,
-                         overrides=())
-    run_sketch(model, tasks, str(tmp_path / "one"), opts, batch_size=5, num_devices=1)
-    run_sketch(model, tasks, str(tmp_path / "four"), opts, batch_size=5, num_devices=4)
+    opts = SketchOptions(method=method, projector="sjlt", k=128 if method == "exact" else None, projection_seed=1,
+                         r_in=4, r_out=3, overrides=(), batch_size=5)
+    sketch_pairs(model, tasks, tmp_path / "one", opts, num_devices=1)
+    sketch_pairs(model, tasks, tmp_path / "four", opts, num_devices=4)
     a, b = lstore.open(tmp_path / "one"), lstore.open(tmp_path / "four")
     np.testing.assert_allclose(a.sketches, b.sketches, rtol=1e-5, atol=1e-6)
     assert a.meta_records() == b.meta_records()
@@ -112,9 +112,9 @@ def test_one_and_four_devices_agree(model, tmp_path, method):
 
 def test_sigkill_then_resume_equals_uninterrupted(ckpt, model, tmp_path):
     # The same job as the launch flags, run in-process to completion as the reference.
-    opts = SketchOptions(method="exact", projector="gaussian", k=64, seed=0)
+    opts = SketchOptions(method="exact", projector="gaussian", k=64, projection_seed=0, batch_size=2, shard_rows=2)
     tasks = select_tasks(TASKS, max_pairs_per_task=6)
-    run_sketch(model, tasks, str(tmp_path / "ref"), opts, batch_size=2, shard_rows=2)
+    sketch_pairs(model, tasks, tmp_path / "ref", opts)
 
     work = tmp_path / "killed"
     proc = _launch(ckpt, work, wait=False)
@@ -132,8 +132,8 @@ def test_sigkill_then_resume_equals_uninterrupted(ckpt, model, tmp_path):
     assert not partial.complete and 0 < len(partial) < 18
 
     with pytest.raises(lstore.StoreExistsError, match="resume"):  # refuses to mix without --resume
-        run_sketch(model, tasks, str(work), opts, batch_size=2, shard_rows=2)
-    run_sketch(model, tasks, str(work), opts, batch_size=2, shard_rows=2, resume=True)
+        sketch_pairs(model, tasks, work, opts)
+    sketch_pairs(model, tasks, work, opts, resume=True)
     a, b = lstore.open(tmp_path / "ref"), lstore.open(work)
     assert b.complete and len(b) == len(a) == 18
     np.testing.assert_array_equal(a.sketches, b.sketches)
@@ -141,18 +141,20 @@ def test_sigkill_then_resume_equals_uninterrupted(ckpt, model, tmp_path):
 
 
 def test_bad_input(ckpt, model, tmp_path):
-    with pytest.raises(ValueError, match="unknown projector.*nope|nope"):
-        run_sketch(model, select_tasks("blimp:passive_1", max_pairs_per_task=2), str(tmp_path / "a"),
-                   SketchOptions(projector="nope", k=8))
+    with pytest.raises(ValueError, match="projector='nope'; valid: identity"):
+        SketchOptions(projector="nope", k=8)
     with pytest.raises(ValueError, match="k must be"):
         SketchOptions(projector="gaussian", k=0)
     with pytest.raises(ValueError, match="method"):
         SketchOptions(method="magic")
+    with pytest.raises(ValueError, match="global_k"):
+        SketchOptions(method="factored", k=64)
     # A workdir holding another configuration is refused, saying what differs.
     tasks = select_tasks("blimp:passive_1", max_pairs_per_task=2)
-    run_sketch(model, tasks, str(tmp_path / "b"), SketchOptions(projector="gaussian", k=8, seed=0))
+    sketch_pairs(model, tasks, tmp_path / "b", SketchOptions(projector="gaussian", k=8, projection_seed=0))
     with pytest.raises(lstore.StoreMismatchError, match="seed"):
-        run_sketch(model, tasks, str(tmp_path / "b"), SketchOptions(projector="gaussian", k=8, seed=1), resume=True)
+        sketch_pairs(model, tasks, tmp_path / "b", SketchOptions(projector="gaussian", k=8, projection_seed=1),
+                     resume=True)
 
 
 def test_nan_differential_names_the_pair(model, tmp_path):
@@ -164,7 +166,7 @@ def test_nan_differential_names_the_pair(model, tmp_path):
     poisoned = type(model)(**{**model.__dict__, "params": params})
     tasks = select_tasks("blimp:passive_1", max_pairs_per_task=2)
     with pytest.raises(NonFiniteGradientError, match=r"UID='passive_1', pairID="):
-        run_sketch(poisoned, tasks, str(tmp_path / "n"), SketchOptions(projector="gaussian", k=8))
+        sketch_pairs(poisoned, tasks, tmp_path / "n", SketchOptions(projector="gaussian", k=8))
     st = lstore.open(tmp_path / "n")
     assert len(st) == 0
 
@@ -193,7 +195,7 @@ def test_two_processes_distributed_equal_one(ckpt, model, tmp_path):
     assert {len(p) for p in multi.parts} == {4, 5}
 
     tasks = select_tasks(TASKS, max_pairs_per_task=3)
-    run_sketch(model, tasks, str(tmp_path / "single"), SketchOptions(projector="sjlt", k=64), batch_size=2)
+    sketch_pairs(model, tasks, tmp_path / "single", SketchOptions(projector="sjlt", k=64, batch_size=2))
     single = lstore.open(tmp_path / "single")
     by_key = {(u, p): r for u, p, r in zip(single.meta["UID"], single.meta["pairID"], single.sketches)}
     assert len(by_key) == 9

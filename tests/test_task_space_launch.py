@@ -1,17 +1,16 @@
-"""launch/task_space.py end to end on a small synthetic store with planted category structure."""
-import importlib.util
+"""The task-space stage (lmgrad.jobs.task_space, launch/task_space.py in-process) end to end on a small
+synthetic store with planted category structure."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from helpers_launch import run_launcher
 from lmgrad import store as lstore
+from lmgrad.jobs import task_space as job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "launch", "task_space.py")
 CATS = ["agr", "agr", "agr", "island", "island", "island", "npi", "npi", "npi"]
 K_BLOCK = 8
 
@@ -46,25 +45,18 @@ def _make_store(path, *, seed=0, n=10, cats=CATS, nan_row=None, layout=True):
                               k=k, layout=_layout() if layout else None)
 
 
-@pytest.fixture(scope="module")
-def launch():
-    spec = importlib.util.spec_from_file_location("task_space_launch", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _run(store, out, hypothesis="linguistics_term", **kw):
+    return job.run(job.TaskSpaceOptions(hypothesis=hypothesis, **kw), store, out)
 
 
-def test_subprocess_end_to_end(tmp_path):
+def test_launcher_end_to_end(tmp_path, capsys):
     _make_store(tmp_path / "store")
     _make_store(tmp_path / "store_b", seed=0)
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, f"--store={tmp_path / 'store'}", "--hypothesis=linguistics_term",
-         f"--workdir={out}", "--n_boot=50", "--ci_method=bc", "--n_perm=299", "--n_splits=5",
-         f"--store_b={tmp_path / 'store_b'}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"report: {out / 'report.md'}" in proc.stdout
+    run_launcher("task_space", [f"--store={tmp_path / 'store'}", "--hypothesis=linguistics_term",
+                                f"--workdir={out}", "--n_boot=50", "--ci_method=bc", "--n_perm=299", "--n_splits=5",
+                                f"--store_b={tmp_path / 'store_b'}"])
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     for f in ("task_space.npz", "stats.json", "heatmap.png", "layers.png", "hypothesis.png",
               "report.md"):
         assert (out / f).stat().st_size > 0, f
@@ -94,33 +86,36 @@ def test_subprocess_end_to_end(tmp_path):
     assert "more similar than others" in report
 
 
-def test_field_and_file_hypotheses(tmp_path, launch):
+def test_field_and_file_hypotheses(tmp_path):
     _make_store(tmp_path / "store")
-    paths = launch.run_task_space(str(tmp_path / "store"), str(tmp_path / "o1"), "field",
-                                  n_boot=20, n_perm=99, n_splits=3, group_by="module_type")
+    paths = _run(tmp_path / "store", tmp_path / "o1", "field", n_boot=20, n_perm=99, n_splits=3,
+                 group_by="module_type")
     z = np.load(paths["npz"])
     assert sorted(z["groups"]) == ["mlp.down_proj", "self_attn.q_proj"]
     assert json.load(open(paths["stats"]))["hypothesis"]["n_categories"] == 2
     hyp = tmp_path / "h.json"
     hyp.write_text(json.dumps({f"task_{i}": CATS[i] for i in range(9)}))
-    paths = launch.run_task_space(str(tmp_path / "store"), str(tmp_path / "o2"), str(hyp),
-                                  n_boot=20, n_perm=99, n_splits=3)
+    paths = _run(tmp_path / "store", tmp_path / "o2", str(hyp), n_boot=20, n_perm=99, n_splits=3)
     assert json.load(open(paths["stats"]))["tests"]["mantel"]["p_value"] < 0.05
     hyp.write_text(json.dumps({**{f"task_{i}": CATS[i] for i in range(9)}, "ghost": "x"}))
     with pytest.raises(ValueError, match="ghost"):
-        launch.run_task_space(str(tmp_path / "store"), str(tmp_path / "o3"), str(hyp))
+        _run(tmp_path / "store", tmp_path / "o3", str(hyp))
 
 
-def test_global_layout_and_bad_stores(tmp_path, launch):
+def test_global_layout_and_bad_stores(tmp_path, capsys):
     _make_store(tmp_path / "g", layout=False)
-    paths = launch.run_task_space(str(tmp_path / "g"), str(tmp_path / "og"), n_boot=20,
-                                  n_perm=99, n_splits=3)
+    paths = _run(tmp_path / "g", tmp_path / "og", n_boot=20, n_perm=99, n_splits=3)
     assert list(np.load(paths["npz"])["groups"]) == ["global"]
     assert "no per-layer" in open(paths["report"]).read()
 
     _make_store(tmp_path / "one", cats=["agr"], n=5)
     with pytest.raises(ValueError, match="needs >= 2 tasks"):
-        launch.run_task_space(str(tmp_path / "one"), str(tmp_path / "o1"))
+        _run(tmp_path / "one", tmp_path / "o1")
+    # From the command line: the message alone, exit status 1.
+    with pytest.raises(SystemExit) as exit_:
+        run_launcher("task_space", [f"--store={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'o4'}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: ") and "nowhere" in err and "Traceback" not in err
 
     # The store itself refuses NaN rows (naming them), so a NaN can only reach the analysis from
     # arrays; that path is covered in test_analysis.test_bad_inputs.

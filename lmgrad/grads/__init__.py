@@ -18,9 +18,11 @@ from lmgrad.grads.factored import (
     make_factored_sketch_fn,
 )
 from lmgrad.grads.mesh import (
+    ShardedRowsFn,
     make_mesh,
     param_shardings,
     replicate,
+    sharded_factored_fn,
     sharded_per_example_fn,
     sharded_sketch_fn,
 )
@@ -30,6 +32,6 @@ __all__ = [
     "FactoredSketchFn", "FactoredSpec", "factored_reference", "make_factored_sketch_fn",
     "NonFiniteGradientError", "as_arrays", "check_finite", "layers", "make_batch_grad_fn", "make_mesh",
     "make_per_example_fn", "make_sketch_fn", "pair_loss_diff", "param_shardings", "per_example_reference",
-    "replicate", "select_params", "sharded_per_example_fn", "sharded_sketch_fn", "split_params",
+    "ShardedRowsFn", "replicate", "select_params", "sharded_factored_fn", "sharded_per_example_fn", "sharded_sketch_fn", "split_params",
     "task_mean_differential",
 ]

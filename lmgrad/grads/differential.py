@@ -66,7 +66,7 @@ def as_arrays(batch: Any) -> dict[str, Array]:
     return out
 
 
-def _check_pair(good: Mapping[str, Array], bad: Mapping[str, Array]) -> None:
+def check_pair(good: Mapping[str, Array], bad: Mapping[str, Array]) -> None:
     if good["input_ids"].shape != bad["input_ids"].shape:
         raise ValueError(
             f"good batch is {tuple(good['input_ids'].shape)} but bad batch is {tuple(bad['input_ids'].shape)}; "
@@ -74,7 +74,7 @@ def _check_pair(good: Mapping[str, Array], bad: Mapping[str, Array]) -> None:
         )
 
 
-def _sanitize(b: Mapping[str, Array]) -> dict[str, Array]:
+def sanitize(b: Mapping[str, Array]) -> dict[str, Array]:
     """Padding rows get a full attention mask and no targets: finite forward, zero loss."""
     v = b["valid"][:, None]
     return {
@@ -103,8 +103,8 @@ def _rows_loss_diff(apply_fn: ApplyFn, params: Any, good: Mapping[str, Array], b
 
 def pair_loss_diff(apply_fn: ApplyFn, params: Any, good: Any, bad: Any) -> Array:
     """float32 [B]: ℓ(good) − ℓ(bad) per pair (0 on padding rows). Differentiable in `params`."""
-    g, b = _sanitize(as_arrays(good)), _sanitize(as_arrays(bad))
-    _check_pair(g, b)
+    g, b = sanitize(as_arrays(good)), sanitize(as_arrays(bad))
+    check_pair(g, b)
     return jnp.where(g["valid"], _rows_loss_diff(apply_fn, params, g, b), 0.0)
 
 
@@ -122,7 +122,7 @@ def _example_grad(apply_fn: ApplyFn) -> Callable[..., Grads]:
     return jax.grad(loss)
 
 
-def _pad_rows(tree: Any, multiple: int) -> tuple[Any, int]:
+def pad_rows(tree: Any, multiple: int) -> tuple[Any, int]:
     """Pad the leading axis of every leaf to a multiple of `multiple` with invalid zero rows."""
     n = jax.tree.leaves(tree)[0].shape[0]
     extra = (-n) % multiple
@@ -134,7 +134,7 @@ def _pad_rows(tree: Any, multiple: int) -> tuple[Any, int]:
 def _chunked(fn: Callable[[Any], Any], xs: Any, chunk: int) -> Any:
     """fn over the leading axis of xs in micro-batches of `chunk` rows, one at a time (lax.map),
     so only one chunk's per-example gradients are alive at once. Rows beyond B are padding."""
-    xs, n = _pad_rows(xs, chunk)
+    xs, n = pad_rows(xs, chunk)
     b = jax.tree.leaves(xs)[0].shape[0]
     if b == chunk:
         out = fn(xs)
@@ -145,7 +145,7 @@ def _chunked(fn: Callable[[Any], Any], xs: Any, chunk: int) -> Any:
     return jax.tree.map(lambda x: x[:n], out)
 
 
-def _per_example_core(
+def per_example_core(
     apply_fn: ApplyFn, chunk_size: int | None, reduce: Project | None = None
 ) -> Callable[[Grads, Grads, dict, dict], Any]:
     """Un-jitted (trainable, frozen, good, bad) → {name: [B, ...]} (or reduce(...) → [B, K]).
@@ -159,7 +159,7 @@ def _per_example_core(
         chunk = b if chunk_size is None else min(int(chunk_size), b)
 
         def on_chunk(xs):
-            g, bd = _sanitize(xs[0]), _sanitize(xs[1])
+            g, bd = sanitize(xs[0]), sanitize(xs[1])
             grads = jax.vmap(grad_one, in_axes=(None, None, 0, 0))(trainable, frozen, g, bd)
             grads = _zero_invalid(grads, g["valid"])
             if reduce is None:
@@ -187,11 +187,11 @@ class _Compiled:
     def __call__(self, params: Any, good: Any, bad: Any) -> Any:
         trainable, frozen = split_params(params, self.selected)
         g, b = as_arrays(good), as_arrays(bad)
-        _check_pair(g, b)
+        check_pair(g, b)
         return self._fn(trainable, frozen, g, b)
 
 
-def _check_chunk(chunk_size: int | None) -> None:
+def check_chunk(chunk_size: int | None) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
 
@@ -206,8 +206,8 @@ def make_per_example_fn(
     copies of the selected parameters (None: the whole batch at once). Padding rows are zero.
     The returned callable has `.traces` (how many times it was traced).
     """
-    _check_chunk(chunk_size)
-    return _Compiled(selected_names, _per_example_core(apply_fn, chunk_size), jax.jit)
+    check_chunk(chunk_size)
+    return _Compiled(selected_names, per_example_core(apply_fn, chunk_size), jax.jit)
 
 
 def make_sketch_fn(
@@ -221,8 +221,8 @@ def make_sketch_fn(
     `project` ({name: [c, *shape]} → [c, K], e.g. `lmgrad.sketch.Projector.project`) runs inside
     the jit on each chunk, so only one chunk's full per-example gradients exist at a time.
     """
-    _check_chunk(chunk_size)
-    return _Compiled(selected_names, _per_example_core(apply_fn, chunk_size, project), jax.jit)
+    check_chunk(chunk_size)
+    return _Compiled(selected_names, per_example_core(apply_fn, chunk_size, project), jax.jit)
 
 
 @functools.lru_cache(maxsize=16)
@@ -245,7 +245,7 @@ def per_example_reference(
     """
     trainable, frozen = split_params(params, selected_names)
     g, b = as_arrays(good), as_arrays(bad)
-    _check_pair(g, b)
+    check_pair(g, b)
 
     grad_row = _reference_grad(apply_fn)
     out = {n: np.zeros((g["input_ids"].shape[0],) + tuple(v.shape), np.asarray(v).dtype) for n, v in trainable.items()}
@@ -262,7 +262,7 @@ def make_batch_grad_fn(apply_fn: ApplyFn, selected_names: Sequence[str]) -> Call
     one batched forward/backward over the [2B, T] stack of good and bad rows."""
 
     def core(trainable, frozen, good, bad):
-        good, bad = _sanitize(good), _sanitize(bad)
+        good, bad = sanitize(good), sanitize(bad)
 
         def total(tr):
             d = _rows_loss_diff(apply_fn, _merged(tr, frozen), good, bad)

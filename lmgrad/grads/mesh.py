@@ -32,10 +32,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lmgrad.grads.differential import (
     ApplyFn,
     Project,
-    _check_chunk,
-    _check_pair,
-    _pad_rows,
-    _per_example_core,
+    check_chunk,
+    check_pair,
+    pad_rows,
+    per_example_core,
     as_arrays,
 )
 from lmgrad.grads.select import split_params
@@ -96,38 +96,69 @@ class ReplicaCache:
         return self._placed[1]
 
 
-class _ShardedFn:
-    """shard_map over `data` of the chunked per-example core; `.traces` counts traces."""
+class ShardedRowsFn:
+    """fn(replicated, good, bad) → rows, with the pairs split over the mesh's `data` axis.
 
-    def __init__(self, apply_fn: ApplyFn, selected: Sequence[str], mesh: Mesh, chunk_size: int | None,
-                 reduce: Project | None, vary: bool):
-        _check_chunk(chunk_size)
-        self.selected = list(selected)
+    The one sharded wrapper of both differential paths. `body(replicated, good, bad)` is a pure,
+    row-wise function (the exact path's chunked vmap(grad), the factored path's batched backward);
+    `replicated` (parameters, projection factors) enters every device whole, placed once and
+    reused while the caller passes the same leaves. A ragged batch is padded with invalid zero rows
+    to a multiple of `multiple` (devices × chunk) and trimmed after, so every device sees the same
+    shapes and a run compiles once per length bucket. `traces` counts traces of `body`.
+    """
+
+    def __init__(self, body: Callable[[Any, Any, Any], Any], mesh: Mesh, *, multiple: int = 1,
+                 check_vma: bool = True):
         self.mesh = mesh
         self.traces = 0
-        self._multiple = mesh.shape[DATA] * (chunk_size or 1)
-        core = _per_example_core(apply_fn, chunk_size, reduce)
+        self._multiple = mesh.shape[DATA] * multiple
 
-        def local(trainable, frozen, good, bad):
+        def counted(replicated, good, bad):
             self.traces += 1
-            if vary:
-                trainable = jax.lax.pcast(trainable, DATA, to="varying")
-            return core(trainable, frozen, good, bad)
+            return body(replicated, good, bad)
 
-        self._fn = jax.jit(jax.shard_map(
-            local, mesh=mesh, in_specs=(P(), P(), P(DATA), P(DATA)), out_specs=P(DATA)))
+        self._fn = jax.jit(jax.shard_map(counted, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)),
+                                         out_specs=P(DATA), check_vma=check_vma))
         self._replicated = ReplicaCache(mesh)
 
-    def __call__(self, params: Any, good: Any, bad: Any) -> Any:
-        trainable, frozen = split_params(params, self.selected)
+    def __call__(self, replicated: Any, good: Any, bad: Any) -> Any:
         g, b = as_arrays(good), as_arrays(bad)
-        _check_pair(g, b)
-        (g, b), n = _pad_rows((g, b), self._multiple)
-        rows = NamedSharding(self.mesh, P(DATA))
-        g, b = jax.device_put((g, b), rows)
-        trainable, frozen = self._replicated((trainable, frozen))
-        out = self._fn(trainable, frozen, g, b)
+        check_pair(g, b)
+        (g, b), n = pad_rows((g, b), self._multiple)
+        g, b = jax.device_put((g, b), NamedSharding(self.mesh, P(DATA)))
+        out = self._fn(self._replicated(replicated), g, b)
         return jax.tree.map(lambda x: x[:n], out)
+
+
+class _ParamsFn:
+    """fn(params, good, bad) over a `ShardedRowsFn`: `prepare(params)` gives its replicated input."""
+
+    def __init__(self, rows_fn: ShardedRowsFn, prepare: Callable[[Any], Any]):
+        self._rows_fn = rows_fn
+        self._prepare = prepare
+
+    @property
+    def traces(self) -> int:
+        return self._rows_fn.traces
+
+    def __call__(self, params: Any, good: Any, bad: Any) -> Any:
+        return self._rows_fn(self._prepare(params), good, bad)
+
+
+def _exact(apply_fn: ApplyFn, selected: Sequence[str], mesh: Mesh, chunk_size: int | None,
+           reduce: Project | None) -> _ParamsFn:
+    check_chunk(chunk_size)
+    core = per_example_core(apply_fn, chunk_size, reduce)
+
+    def body(replicated, good, bad):
+        trainable, frozen = replicated
+        # See the module docstring: without the cast, grad psums every device's rows.
+        trainable = jax.lax.pcast(trainable, DATA, to="varying")
+        return core(trainable, frozen, good, bad)
+
+    selected = list(selected)
+    return _ParamsFn(ShardedRowsFn(body, mesh, multiple=chunk_size or 1),
+                     lambda params: split_params(params, selected))
 
 
 def sharded_per_example_fn(
@@ -137,7 +168,7 @@ def sharded_per_example_fn(
 
     fn(params, good, bad) → {hf_name: [B, *shape]} for any B (padded internally, trimmed after).
     """
-    return _ShardedFn(apply_fn, selected_names, mesh, chunk_size, None, vary=True)
+    return _exact(apply_fn, selected_names, mesh, chunk_size, None)
 
 
 def sharded_sketch_fn(
@@ -153,4 +184,16 @@ def sharded_sketch_fn(
     `project` must act row by row (true of `lmgrad.sketch` projectors), so sharding the batch
     does not change any row's sketch.
     """
-    return _ShardedFn(apply_fn, selected_names, mesh, chunk_size, project, vary=True)
+    return _exact(apply_fn, selected_names, mesh, chunk_size, project)
+
+
+def sharded_factored_fn(factored: Any, mesh: Mesh) -> Callable[[Any, Any, Any], jax.Array]:
+    """A `FactoredSketchFn` with the batch split over `data`: fn(params, good, bad) → [B, K].
+
+    Nothing in the factored path needs a collective: each device differentiates its own rows'
+    perturbations. `check_vma=False` keeps the zero perturbations (created inside the body, so
+    device-invariant) from being psum-ed across devices in the transpose.
+    """
+    rows_fn = ShardedRowsFn(lambda rep, g, b: factored.core(rep[0], g, b, rep[1]), mesh, check_vma=False)
+    factors = factored.factors()  # independent of the params: the cache places them once
+    return _ParamsFn(rows_fn, lambda params: (params, factors))

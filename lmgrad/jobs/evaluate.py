@@ -1,24 +1,41 @@
-"""BLiMP-style evaluation: is log p(good) > log p(bad) for each minimal pair?
+"""The evaluate stage: is log p(good) > log p(bad) for each minimal pair?
 
 `evaluate` returns per-pair records and a summary (accuracy per UID, per linguistics_term, per
-field, overall) with the model and task provenance; `launch/evaluate.py` writes them to disk.
+field, overall) with the model and task provenance; `run` writes them as `scores.jsonl` and
+`summary.json` into a workdir (what `launch/evaluate.py` and the pipeline call).
 """
 
 from __future__ import annotations
 
 import collections
-import json
-import os
+import dataclasses
 import pathlib
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lmgrad import io as lio
+from lmgrad.jobs.inputs import InputOptions
+from lmgrad.jobs.schema import option, to_dict
 from lmgrad.models.loading import LoadedModel
 from lmgrad.provenance import run_info
 from lmgrad.scoring import score_sequences
-from lmgrad.tasks import Task, encode_pairs, task_provenance
+from lmgrad.tasks import Task, bos_id, encode_pairs, task_provenance
+
+SCORES = "scores.jsonl"
+SUMMARY = "summary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """How the evaluate stage scores sentences."""
+
+    batch_size: int = option(32, "Sentences per batch.")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def _accuracy(groups: dict[str, list[bool]]) -> dict[str, dict[str, float]]:
@@ -83,21 +100,26 @@ def evaluate(
 
 
 def _bos_token(model: LoadedModel, bos: str) -> str | None:
-    from lmgrad.tasks import bos_id
-
     i = bos_id(model.tokenizer, bos)
     return None if i is None else model.tokenizer.convert_ids_to_tokens(i)
 
 
-def write_json_atomic(path: pathlib.Path, obj: object, *, lines: bool = False) -> None:
-    """Writes JSON (or JSON lines) so that a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        if lines:
-            for row in obj:  # type: ignore[attr-defined]
-                f.write(json.dumps(row) + "\n")
-        else:
-            json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def run(inputs: InputOptions, options: EvalOptions, workdir: str | pathlib.Path, *,
+        model: LoadedModel | None = None, tasks: Sequence[Task] | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Scores the pairs `inputs` select; writes `scores.jsonl` and `summary.json` into `workdir`
+    (atomically) and returns the summary. `model`/`tasks` reuse ones already loaded."""
+    from tqdm import tqdm
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tasks = inputs.select_tasks() if tasks is None else tasks
+    model = inputs.load_model() if model is None else model
+    n_pairs = sum(len(t) for t in tasks)
+    with tqdm(total=2 * n_pairs, unit="sent", desc="scoring", disable=not progress) as bar:
+        records, summary = evaluate(model, tasks, batch_size=options.batch_size, bos=inputs.bos,
+                                    progress=bar.update)
+    summary["options"] = {"inputs": to_dict(inputs), "evaluate": to_dict(options)}
+    lio.write_jsonl(workdir / SCORES, records)
+    lio.write_json(workdir / SUMMARY, summary)
+    return summary

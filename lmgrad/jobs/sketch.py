@@ -1,0 +1,297 @@
+"""The sketch stage: every minimal pair → one row (a sketch of ∇ℓ(good) − ∇ℓ(bad)) in a run store.
+
+`run` is what `launch/sketch.py` and the pipeline call; `sketch_pairs` is the same on an already
+loaded model and tasks. Rows are produced in a deterministic order (tasks sorted, pairs bucketed
+by length), written in shards at batch boundaries, so a killed run resumed with `resume=True`
+skips exactly the committed rows and ends with the rows of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from lmgrad import provenance
+from lmgrad.grads import check_finite, make_mesh, select_params, sharded_factored_fn, sharded_sketch_fn
+from lmgrad.grads.factored import DEFAULT_OVERRIDES, DEFAULT_R_IN, DEFAULT_R_OUT, FactoredSpec, make_factored_sketch_fn
+from lmgrad.jobs.inputs import InputOptions
+from lmgrad.jobs.schema import check_choices, option
+from lmgrad.models.loading import LoadedModel, flatten_params, logits_fn
+from lmgrad.sketch import make_projector
+from lmgrad.store import StoreWriter
+from lmgrad.tasks import Task, degenerate_pairs, encode_pairs, iter_pair_batches, task_provenance
+
+log = logging.getLogger(__name__)
+
+METHODS = ("exact", "factored")
+PROJECTORS = ("identity", "gaussian", "rademacher", "sjlt")
+# Above this size the exact path's per-example gradient (one parameter-sized copy per example in a
+# chunk) dominates time and memory; the factored path was 4.4x faster at flat memory on a
+# GPT-2-small shape (bench/results/factored.jsonl). Below it, exact sketches are cheap and exact.
+AUTO_FACTORED_PARAMS = 50_000_000
+DEFAULT_EXACT_K = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class SketchOptions:
+    """What to sketch and how. `resolve(model)` fixes `method=auto` and the default width; what
+    changes the numbers goes into the store's config (checked on resume)."""
+
+    method: str = option("auto", "exact: jit(vmap(grad)) + projector; factored: Kronecker per linear layer "
+                         f"(one block per module); auto: factored above {AUTO_FACTORED_PARAMS // 10**6}M "
+                         "parameters, else exact.", choices=("auto",) + METHODS)
+    projector: str = option("sjlt", "Exact path's projector ('factored' is an alias of method=factored).",
+                            choices=PROJECTORS + ("factored",))
+    k: int | None = option(None, f"Exact path: sketch width (default {DEFAULT_EXACT_K}; the identity projector "
+                           "keeps every coordinate).")
+    global_k: int = option(0, "Factored path: width of an optional global sparse-JL stage over the module "
+                           "blocks (0 = off: one block per module, readable per layer and module type).")
+    projection_seed: int = option(0, "Projection seed: same seed, same projection on any device count.")
+    include: tuple[str, ...] = option((), "HF parameter-name patterns to differentiate (glob, or re:REGEX); "
+                                      "empty = all.")
+    exclude: tuple[str, ...] = option((), "HF parameter-name patterns to leave out.")
+    from_first_difference: bool = option(False, "Score tokens only from the first differing token.")
+    # Factored ranks: defaults from the fidelity study (grads/factored.py, bench/README.md).
+    r_in: int = option(DEFAULT_R_IN, "Factored path: input-side projection size per module.")
+    r_out: int = option(DEFAULT_R_OUT, "Factored path: output-side projection size per module.")
+    overrides: tuple[tuple[str, int, int], ...] = option(
+        DEFAULT_OVERRIDES, "Factored path: TYPE_OR_PATTERN:R_IN:R_OUT entries (types: embed, head, attn, "
+        "mlp, norm, other), first match wins.")
+    batch_size: int = option(16, "Pairs per batch.")
+    chunk_size: int = option(4, "Exact path: examples per vmap micro-batch (bounds memory).")
+    shard_rows: int = option(256, "Rows per store shard (committed atomically).")
+    store_dtype: str = option("float32", "Stored row dtype.", choices=("float32", "bfloat16"))
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("batch_size", "chunk_size", "shard_rows", "r_in", "r_out"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SketchOptions.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_k < 0:
+            raise ValueError(f"SketchOptions.global_k must be >= 0, got {self.global_k}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"SketchOptions.k must be a positive integer or None, got {self.k!r}")
+        if self.method == "factored" and self.k is not None:
+            raise ValueError("SketchOptions.k is the exact path's sketch width; the factored path's optional "
+                             "global stage is global_k")
+
+    def resolve(self, model: LoadedModel | None = None, *, num_params: int | None = None) -> "SketchOptions":
+        """Concrete options for `model`: method=auto and the projector alias resolved, k set."""
+        method = self.method
+        if self.projector == "factored":
+            method = "factored"
+        elif method == "auto":
+            n = num_params if num_params is not None else int(model.provenance["num_params"])
+            method = "factored" if n > AUTO_FACTORED_PARAMS else "exact"
+        projector = "sjlt" if self.projector == "factored" else self.projector
+        k = self.k
+        if method == "exact" and k is None and projector != "identity":
+            k = DEFAULT_EXACT_K
+        if method == "factored":
+            k = None
+        return dataclasses.replace(self, method=method, projector=projector, k=k)
+
+
+@dataclasses.dataclass
+class Sketcher:
+    """A compiled fn(params, good, bad) → [B, K] plus what a manifest must say about it."""
+
+    fn: Callable[[Any, Any, Any], jax.Array]
+    k: int
+    layout: list[dict[str, Any]]
+    spec: dict[str, Any]
+
+
+def build_sketcher(
+    model: LoadedModel,
+    opts: SketchOptions,
+    *,
+    num_devices: int | None = None,
+) -> Sketcher:
+    """Compiles the per-pair sketch function for `model` on a `data` mesh of local devices.
+    `opts` must be resolved (`SketchOptions.resolve`)."""
+    if opts.method not in METHODS:
+        raise ValueError(f"build_sketcher needs resolved options (method {opts.method!r}); call opts.resolve(model)")
+    names = list(flatten_params(model.params))
+    selected = select_params(names, list(opts.include) or None, list(opts.exclude) or None)
+    shapes = {n: tuple(v.shape) for n, v in flatten_params(model.params).items() if n in selected}
+    mesh = make_mesh(num_devices)
+    selection = {"include": list(opts.include), "exclude": list(opts.exclude), "n_selected": len(selected),
+                 "n_params": int(sum(int(np.prod(s)) for s in shapes.values()))}
+    if opts.method == "exact":
+        proj = make_projector(opts.projector, opts.k if opts.projector != "identity" else None, opts.projection_seed)
+        fn = sharded_sketch_fn(logits_fn(model), selected, lambda g: proj.project(g, shapes), mesh,
+                               chunk_size=opts.chunk_size)
+        return Sketcher(fn, proj.output_dim(shapes), proj.layout(shapes),
+                        {"method": "exact", "projector": proj.spec, "selection": selection})
+    spec = FactoredSpec(seed=opts.projection_seed, r_in=opts.r_in, r_out=opts.r_out, overrides=tuple(opts.overrides),
+                        include=tuple(opts.include) or None,
+                        exclude=tuple(opts.exclude), global_k=opts.global_k or None)
+    factored = make_factored_sketch_fn(model, spec)
+    return Sketcher(sharded_factored_fn(factored, mesh), factored.dim, factored.layout,
+                    {"method": "factored", "factored": spec.spec, "selection": selection})
+
+
+def store_config(model: LoadedModel, tasks: Sequence[Task], opts: SketchOptions, sketcher: Sketcher,
+                 bos: str) -> dict[str, Any]:
+    """The store config: everything that must match for rows to be mixed in one store.
+
+    The code version is compared only by lmgrad version; the exact git commit, host and time of
+    each session go to the manifest's `sessions` (a resume after a docs-only commit is allowed).
+    """
+    return {
+        "model": model.provenance,
+        "tasks": task_provenance(tasks),
+        "sketch": sketcher.spec,
+        "loss": {"kind": "sentence NLL differential ℓ(good) − ℓ(bad)",
+                 "tokens": "from_first_difference" if opts.from_first_difference else "whole_sentence",
+                 "bos": bos},
+        "lmgrad_version": provenance.lmgrad.__version__,
+    }
+
+
+def sketch_pairs(
+    model: LoadedModel,
+    tasks: Sequence[Task],
+    workdir: str | os.PathLike,
+    opts: SketchOptions,
+    *,
+    bos: str = InputOptions.bos,
+    resume: bool = False,
+    num_devices: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    max_batches: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> dict[str, Any]:
+    """Sketches every pair of `tasks` into the store at `workdir`; returns timing facts.
+
+    `opts` is resolved for `model` here; `bos` is the inputs' sentence-start token.
+
+    With `process_count > 1` (a multi-host run) this process takes every `process_count`-th batch,
+    starting at `process_index`, and writes its own store `workdir/process-XXXXX/`;
+    `lmgrad.store.open(workdir)` reads them as one. `max_batches` stops early (for tests of
+    crash/resume); the store is then incomplete.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if model.tokenizer is None:
+        raise ValueError(f"{model.spec}: model was loaded without a tokenizer")
+    pairs = [p for t in tasks for p in t.pairs]
+    if not pairs:
+        raise ValueError("no pairs to sketch")
+    opts = opts.resolve(model)
+    workdir = str(workdir)
+    good, bad, sg, sb = encode_pairs(model.tokenizer, pairs, bos=bos, max_length=model.max_length,
+                                     from_first_difference=opts.from_first_difference)
+    # Sentences that differ only in what the tokenizer erases have an exactly-zero differential:
+    # no signal, and a zero row breaks cosine-based analysis. (Identical sentences are already
+    # dropped at selection.)
+    same = set(degenerate_pairs(good, bad))
+    if same:
+        dropped = [[pairs[i].UID, pairs[i].pairID] for i in sorted(same)]
+        log.warning("dropping %d pair(s) whose sentences tokenise identically: %s", len(same), dropped)
+        keep = [i for i in range(len(pairs)) if i not in same]
+        pairs, good, bad, sg, sb = [pairs[i] for i in keep], [good[i] for i in keep], [bad[i] for i in keep], sg[keep], sb[keep]
+        if not pairs:
+            raise ValueError("no pairs to sketch: every pair tokenises identically")
+    sketcher = build_sketcher(model, opts, num_devices=num_devices)
+    config = store_config(model, tasks, opts, sketcher, bos)
+    if same:
+        config["loss"]["dropped_token_identical"] = dropped
+    batches = [gb for i, gb in enumerate(iter_pair_batches(
+        good, bad, batch_size=opts.batch_size, score_from_good=sg, score_from_bad=sb, max_len=model.max_length))
+        if i % process_count == process_index]
+    total = sum(int(g.valid.sum()) for g, _ in batches)
+    if process_count > 1:
+        from lmgrad.store import process_dir
+
+        config["process"] = {"index": process_index, "count": process_count, "batch_size": opts.batch_size}
+        workdir = str(process_dir(workdir, process_index))
+    writer = StoreWriter(workdir, config=config, k=sketcher.k, dtype=opts.store_dtype, layout=sketcher.layout,
+                         total_rows=total, resume=resume, info=provenance.run_info())
+    skip = writer.rows_done
+    if progress is not None and skip:
+        progress(skip)
+    buf_rows: list[np.ndarray] = []
+    buf_meta: list[dict[str, Any]] = []
+    done = 0
+    t0 = time.perf_counter()
+    n_batches = 0
+
+    def flush() -> None:
+        if buf_rows:
+            writer.write(np.concatenate(buf_rows), list(buf_meta))
+            buf_rows.clear()
+            buf_meta.clear()
+
+    with writer:
+        for g, b in batches:
+            n_valid = int(g.valid.sum())
+            if skip:
+                if skip < n_valid:
+                    raise RuntimeError(f"{workdir}: committed rows ({writer.rows_done}) do not end at a batch "
+                                       "boundary; was the store written with another batch size?")
+                skip -= n_valid
+                continue
+            if max_batches is not None and n_batches >= max_batches:
+                break
+            rows = np.asarray(sketcher.fn(model.params, g, b), dtype=np.float32)
+            check_finite(rows, g.index, pairs)
+            idx = g.index[g.valid]
+            buf_rows.append(rows[g.valid])
+            buf_meta.extend({"UID": pairs[i].UID, "pairID": pairs[i].pairID, "field": pairs[i].field,
+                             "linguistics_term": pairs[i].linguistics_term} for i in idx)
+            done += n_valid
+            n_batches += 1
+            if progress is not None:
+                progress(n_valid)
+            if sum(len(r) for r in buf_rows) >= opts.shard_rows:
+                flush()
+        flush()
+    elapsed = time.perf_counter() - t0
+    return {"pairs": done, "seconds": elapsed, "pairs_per_s": done / max(elapsed, 1e-9), "k": sketcher.k,
+            "method": opts.method, "rows_total": writer.rows_done, "complete": writer.rows_done == total,
+            "workdir": workdir}
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """`jax.distributed.initialize` with explicit values where given (arguments, else the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); otherwise JAX detects
+    TPU pods, SLURM and MPI itself."""
+    env = os.environ
+    if num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(coordinator_address=coordinator_address or env.get("JAX_COORDINATOR_ADDRESS"),
+                               num_processes=num_processes, process_id=process_id)
+
+
+def run(inputs: InputOptions, options: SketchOptions, workdir: str | os.PathLike, *,
+        resume: bool = False, model: LoadedModel | None = None, tasks: Sequence[Task] | None = None,
+        num_devices: int | None = None, max_batches: int | None = None, progress: bool = True,
+        desc: str = "sketching") -> dict[str, Any]:
+    """The sketch stage: selects the pairs and loads the model (unless given), sketches every pair
+    into the store at `workdir` (this process's share of the batches in a multi-host run), and
+    returns timing facts. `resume=True` continues a killed run in `workdir`."""
+    from tqdm import tqdm
+
+    tasks = inputs.select_tasks() if tasks is None else tasks
+    model = inputs.load_model() if model is None else model
+    n = sum(len(t) for t in tasks)
+    resolved = options.resolve(model)
+    log.info("sketch method: %s", resolved.method)
+    with tqdm(total=n, unit="pair", desc=f"{desc} ({resolved.method}, seed {resolved.projection_seed})",
+              disable=not progress) as bar:
+        return sketch_pairs(model, tasks, workdir, resolved, bos=inputs.bos, resume=resume,
+                            num_devices=num_devices, progress=bar.update, max_batches=max_batches,
+                            process_index=jax.process_index(), process_count=jax.process_count())
