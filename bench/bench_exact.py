@@ -30,7 +30,6 @@ device, jax version, shapes, projector, k, chunk, pairs/s, ratio vs the plain st
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -38,17 +37,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _common import append_jsonl, loadavg, results_path, run_meta
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "exact.jsonl")
+RESULTS = results_path("exact")
 MODEL = "gpt2-small(random)"
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def _rss_now_gib() -> float:
@@ -158,30 +150,8 @@ def _run_worker(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- driver
-def _cpu_model() -> str:
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _meta() -> dict:
-
-    import jax
-
-    from lmgrad.provenance import git_commit
-
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
-            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-            "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-            "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
-            "jax": jax.__version__, "model": MODEL, "n_layer": 12, "d_model": 768, "vocab": 50257}
+    return run_meta(model=MODEL, n_layer=12, d_model=768, vocab=50257)
 
 
 def _points(args) -> list[dict]:
@@ -262,7 +232,7 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    meta, load0, t_start = _meta(), _loadavg(), time.perf_counter()
+    meta, load0, t_start = _meta(), loadavg(), time.perf_counter()
     rows = []
     head = (f"{'projector':11s} {'k':>6s} {'chunk':>5s} {'params':>9s} {'s/call':>7s} {'pairs/s':>8s} "
             f"{'x plain':>7s} {'RSS GiB':>7s} {'compile':>7s}")
@@ -286,7 +256,7 @@ def main() -> None:
             r["ratio_vs_plain"] = plain_s / r["sec_per_call"]  # = pairs/s ÷ plain pairs/s
             r["time_x_plain"] = r["sec_per_call"] / plain_s
     rows += _extrapolate(rows, n_all, plain_s)
-    load1 = _loadavg()
+    load1 = loadavg()
     wall = time.perf_counter() - t_start
 
     print(f"\nplain step: {', '.join(f'{s:.2f}' for s in plains)} s/call (ratios vs {plain_s:.2f}); "
@@ -303,12 +273,9 @@ def main() -> None:
               f"{r['time_x_plain']:12.2f} {r['ratio_vs_plain']:12.3f} {_fmt(r['peak_rss_gib'], '7.2f')}")
     if args.no_write:
         return
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results, "a") as f:
-        for r in rows:
-            f.write(json.dumps({**meta, "bench": "exact", "load_before": load0, "load_after": load1,
-                                "plain_s": plain_s, **r}) + "\n")
-    print(f"appended {len(rows)} lines to {os.path.relpath(args.results)}")
+    n = append_jsonl(args.results, ({**meta, "bench": "exact", "load_before": load0, "load_after": load1,
+                                     "plain_s": plain_s, **r} for r in rows))
+    print(f"appended {n} lines to {os.path.relpath(args.results)}")
 
 
 if __name__ == "__main__":

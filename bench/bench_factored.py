@@ -20,37 +20,15 @@ sparse JL projection with large k (error ≈ 1/√k). Rows append to bench/resul
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _common import append_jsonl, results_path, run_meta
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "factored.jsonl")
-
-
-def _meta() -> dict:
-    import jax
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        commit = None
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
-            "jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
-
-
-def _append(rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+RESULTS = results_path("factored")
 
 
 def _flops(compiled) -> float | None:
@@ -159,7 +137,7 @@ def _run_worker(method: str, batch: int, r: int, seq: int, reps: int) -> dict:
 def speed(args) -> list[dict]:
     points = [("matmul", 0, 0), ("plain", 8, 0), ("exact", 8, 0), ("factored", 8, 16)]
     points += [("factored", b, 16) for b in args.batches if b != 8] + [("factored", 8, r) for r in args.rs if r != 16]
-    meta, rows = _meta(), []
+    meta, rows = run_meta(), []
     print(f"{'method':9s} {'B':>3s} {'r':>4s} {'s/call':>8s} {'pairs/s':>8s} {'GFLOP/s':>8s} {'GFLOP':>8s} {'RSS GiB':>8s}")
     for method, b, r in points:
         row = {**meta, **_run_worker(method, b, r, args.seq, args.reps)}
@@ -229,7 +207,7 @@ def fidelity(args) -> list[dict]:
     iu = np.triu_indices(n, 1)
     c_ref = cos(ref)[iu]
     print(f"reference: exact grads + sjlt k={args.ref_k}: {ref_s:.1f} s ({n / ref_s:.2f} pairs/s)")
-    meta, rows = _meta(), []
+    meta, rows = run_meta(), []
     for r in args.fid_rs:
         fn = make_factored_sketch_fn(model, FactoredSpec(seed=0, r_in=r, r_out=r))
         t = time.perf_counter()
@@ -268,7 +246,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.batch, args.r, args.seq, args.reps)))
         return
     rows = fidelity(args) if args.smollm2 else speed(args)
-    _append(rows)
+    append_jsonl(RESULTS, rows)
 
 
 if __name__ == "__main__":

@@ -17,22 +17,18 @@ version and device.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from lmgrad.sketch import hashing, make_projector  # noqa: E402
+from _common import append_jsonl, results_path, run_meta
+from lmgrad.sketch import hashing, make_projector
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "projectors.jsonl")
+RESULTS = results_path("projectors")
 
 
 def _timeit(fn, *args, min_time: float = 0.5, max_reps: int = 20) -> float:
@@ -88,24 +84,6 @@ def _matmul(g, w):
     return jnp.einsum("bn,kn->bk", g, w, precision="highest")
 
 
-def _meta(args) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        commit = None
-    dev = jax.devices()[0]
-    return {
-        "command": " ".join(["python"] + sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "jax": jax.__version__,
-        "device": f"{dev.platform}:{dev.device_kind}",
-        "n_devices": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "batch": args.batch,
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=float, nargs="+", default=[1e5, 1e6, 1e7])
@@ -116,10 +94,10 @@ def main() -> None:
     ap.add_argument("--gen_entries", type=float, default=2**27, help="entries generated per generation timing")
     ap.add_argument("--no_save", action="store_true")
     args = ap.parse_args()
-    meta = _meta(args)
+    meta = run_meta(batch=args.batch)
     rows = []
 
-    print(f"# {meta['device']}  jax {meta['jax']}  cpus {meta['cpu_count']}  commit {meta['commit']}")
+    print(f"# {meta['backend']}:{meta['device']}  jax {meta['jax']}  cores {meta['cores']}  commit {meta['commit']}")
     print("\n## generation (G entries/s)")
     print(f"{'generator':>16} {'k':>6} {'G/s':>8}")
     for k in args.k:
@@ -171,11 +149,8 @@ def main() -> None:
         del g
 
     if not args.no_save:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"\nappended {len(rows)} rows to {os.path.relpath(RESULTS)}")
+        count = append_jsonl(RESULTS, rows)
+        print(f"\nappended {count} rows to {os.path.relpath(RESULTS)}")
 
 
 if __name__ == "__main__":

@@ -30,11 +30,8 @@ bench/results/scoring.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
-import platform
 import shlex
 import statistics
 import sys
@@ -43,9 +40,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from _common import append_jsonl, loadavg, results_path, run_meta, usable_cores
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "scoring.jsonl"
+RESULTS = results_path("scoring")
 RTOL, ATOL = 1e-4, 1e-3  # float32 parity tolerance on sentence log-probs, as in tests/test_smollm2.py
 
 
@@ -144,24 +141,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, out
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (affinity, not the host's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="lmgrad model spec (see lmgrad.models.load_model)")
@@ -180,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--e2e", action="store_true",
                     help="also time one cold score_sequences call (launch/evaluate.py's number, compile included)")
     ap.add_argument("--no_torch", action="store_true", help="skip transformers (no ratio, no parity check)")
-    ap.add_argument("--results", default=str(RESULTS), help="JSONL file to append to ('' to skip)")
+    ap.add_argument("--results", default=RESULTS, help="JSONL file to append to ('' to skip)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -197,13 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from lmgrad.models import load_model
     from lmgrad.models.loading import logits_fn
-    from lmgrad.provenance import git_commit
     from lmgrad.scoring import make_score_fn, score_sequences
     from lmgrad.tasks import encode_pairs, select_tasks
 
     torch.set_num_threads(args.threads)
     clock = CompileClock()
-    load_before = os.getloadavg()
+    load_before = loadavg()
 
     tasks = select_tasks(args.tasks, max_pairs_per_task=args.max_pairs_per_task, seed=args.seed)
     pairs = [p for t in tasks for p in t.pairs]
@@ -288,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "max_abs_diff_vs_warm": float(np.max(np.abs(lp - runs["lmgrad_f32"]["lp"])))}
         print(f"score_sequences cold call: {dt:.1f}s = {n / dt:.2f} sentences/s "
               f"({clock.compiles} compiles, {clock.seconds:.1f}s compiling)", flush=True)
-    load_after = os.getloadavg()
+    load_after = loadavg()
 
     # --- report.
     for r in runs.values():
@@ -317,22 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{e2e['compile_s']:>11.1f}")
     if args.repeats < 3:
         print(f"note: {args.repeats} repeat(s); use >= 3 for a median worth recording")
-    print(f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {usable_cores()} cores "
+    print(f"load average {load_before} before, {load_after} after, on {usable_cores()} cores "
           "(other processes share this machine; read the ratio, not the absolute rates)")
 
     if args.results:
         base = {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git_commit(),
-            "command": command,
+            **run_meta(command=command),
             "bench": "scoring",
-            "backend": jax.default_backend(),
-            "device": f"{jax.devices()[0].device_kind} ({cpu_name()})",
-            "cores": usable_cores(),
             "torch_threads": args.threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "loadavg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-            "jax_version": jax.__version__,
+            "loadavg_before_after": [load_before, load_after],
             "torch_version": torch.__version__,
             "model": model.spec,
             "model_resolved": model.provenance.get("resolved"),
@@ -367,12 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "pair_decisions_agree": r.get("decisions_agree"),
                          "logprobs_match": r.get("match"),
                          "score_sequences_cold": e2e if name == "lmgrad_f32" else None})
-        path = pathlib.Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"appended {len(rows)} row(s) to {path}")
+        count = append_jsonl(args.results, rows)
+        print(f"appended {count} row(s) to {args.results}")
     if not ok:
         print(f"FAIL: lmgrad float32 log-probs differ from transformers beyond rtol {RTOL} / atol {ATOL}",
               file=sys.stderr)
