@@ -28,17 +28,17 @@ batch of 16 pairs (each bucket shape compiled and warmed before timing).
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.util
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from _common import append_jsonl, loadavg, results_path, run_meta
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "fidelity.jsonl")
+RESULTS = results_path("fidelity")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py")
 REF_SEED = 1234
 
 
@@ -407,22 +407,8 @@ def _probe(modules, group: str) -> tuple[str, str]:
 
 
 def _meta(args) -> dict:
-    import jax
-
-    from lmgrad.provenance import git_commit
-
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
-            "command": " ".join(["python"] + sys.argv), "jax": jax.__version__,
-            "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(), "loadavg": os.getloadavg()[0],
-            "model": "smollm2-135m", "tasks": "blimp", "pairs_per_task": args.pairs_per_task,
-            "ref": f"exact vmap(grad), all params, sjlt k={args.ref_k} seed={REF_SEED}"}
-
-
-def _append(rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    return run_meta(model="smollm2-135m", tasks="blimp", pairs_per_task=args.pairs_per_task,
+                    ref=f"exact vmap(grad), all params, sjlt k={args.ref_k} seed={REF_SEED}")
 
 
 # ------------------------------------------------------------------------------ measure
@@ -445,6 +431,14 @@ NAMED = {
 }
 
 
+def _load_config(path: str):
+    """A config file as a module, loaded by path (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _config_spec(name: str, args):
     """FactoredSpec for a --configs entry: r=N | best | default | a `NAMED` key, then :seed=S / :global_k=K."""
     from lmgrad.grads.factored import FactoredSpec
@@ -463,10 +457,7 @@ def _config_spec(name: str, args):
         r_in, r_out, ov = NAMED[base]
         return FactoredSpec(seed=seed, r_in=r_in, r_out=r_out, overrides=ov, global_k=gk)
     if base == "default":
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-        import default as cfg  # configs/default.py
-
-        c = cfg.get_config().sketch
+        c = _load_config(DEFAULT_CONFIG).get_config().sketch
         return FactoredSpec(seed=seed, r_in=c.r_in, r_out=c.r_out, overrides=tuple(tuple(o) for o in c.overrides),
                             global_k=gk)
     raise ValueError(f"--configs: unknown entry {name!r} (r=N | best | default | NAMED key, then :seed=S :global_k=K)")
@@ -502,7 +493,7 @@ def measure(args) -> list[dict]:
                 pass
         rows.append(row)
         print(f"{name:26s} {fn.dim:8d} {m['pearson_cos']:7.4f} {m['spearman_cos']:7.4f} {m['mean_abs_cos_err']:7.4f} "
-              f"{m['task_pearson_cos']:7.4f} {sec:8.3f}  load {os.getloadavg()[0]:.1f}", flush=True)
+              f"{m['task_pearson_cos']:7.4f} {sec:8.3f}  load {loadavg()}", flush=True)
         del sk, x, fn
     base = [r["sec_per_batch"] for r in rows if r["config"] == "r=16"]
     if base:
@@ -565,11 +556,11 @@ def main() -> None:
     elif args.stage == "explore":
         rows = explore(args)
         if not args.no_record:
-            _append(rows)
+            append_jsonl(RESULTS, rows)
     elif args.stage in ("measure", "timing"):
         rows = measure(args) if args.stage == "measure" else timing(args)
         if not args.no_record:
-            _append(rows)
+            append_jsonl(RESULTS, rows)
 
 
 if __name__ == "__main__":
