@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from _common import append_jsonl, loadavg, results_path, run_meta
+from lmgrad.params import param_info
 
 RESULTS = results_path("fidelity")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py")
@@ -60,27 +61,14 @@ def _setup(args):
 
 def _group(name: str) -> str:
     """Parameter group of an HF name: embed, head, attn.<proj>, mlp.<proj>, norm, other."""
-    parts = name.split(".")
-    if "embed_tokens" in parts or "wte" in parts or "wpe" in parts:
-        return "embed"
-    if parts[-2] in ("lm_head", "embed_out"):
-        return "head"
-    if "norm" in parts[-2] or parts[-2].startswith("ln"):
-        return "norm"
-    for key in ("self_attn", "attn", "attention"):
-        if key in parts:
-            return f"attn.{parts[-2]}"
-    if "mlp" in parts:
-        return f"mlp.{parts[-2]}"
-    return "other"
+    info = param_info(name)
+    if info.type in ("attn", "mlp"):
+        return f"{info.type}.{info.module.rpartition('.')[2]}"
+    return info.type
 
 
 def _layer(name: str) -> int | None:
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p in ("layers", "h", "layer") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
+    return param_info(name).layer
 
 
 def _collect(fn, batches, n: int, timing: bool = False) -> tuple[np.ndarray, float | None]:
