@@ -214,6 +214,11 @@ def test_select_params_patterns():
         lg.layers(3, 2)
     with pytest.raises(KeyError, match="not.a.param"):
         lg.split_params({"a": {"b": np.zeros(2)}}, ["not.a.param"])
+    # lmgrad.params is their home; lmgrad.grads.select only re-exports them.
+    from lmgrad import params
+    from lmgrad.grads import select
+
+    assert (select.select_params, select.split_params, select.layers) == (params.select, params.split, params.layers)
 
 
 def test_chunking_sketch_and_no_recompile(gpt2, full_fn):

@@ -7,11 +7,11 @@ from lmgrad.models.loading import (
     LoadedModel,
     build_module,
     convert_state_dict,
-    flatten_params,
+    flatten_params,  # = lmgrad.params.flatten, kept while callers outside lmgrad.models switch
     load_model,
     logits_fn,
     param_shapes,
-    unflatten_params,
+    unflatten_params,  # = lmgrad.params.unflatten, likewise
 )
 
 __all__ = [

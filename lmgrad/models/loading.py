@@ -16,7 +16,6 @@ is an error naming the tensor and the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -28,10 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmgrad.io import sha256_file
 from lmgrad.models.config import ModelConfig, UnsupportedModelError, from_hf_config
 from lmgrad.models.gpt2 import GPT2LMHeadModel
 from lmgrad.models.gpt_neox import GPTNeoXForCausalLM
 from lmgrad.models.llama import LlamaForCausalLM
+from lmgrad.params import flatten, head_weight, unflatten
+
+# Re-exported for importers outside lmgrad.models until they import lmgrad.params directly.
+flatten_params = flatten
+unflatten_params = unflatten
 
 DEFAULT_SPEC = "smollm2"
 
@@ -48,11 +53,6 @@ _BUFFER_PATTERNS = (
     re.compile(r".*rotary_emb\.inv_freq$"),
 )
 
-# Output heads that a tied checkpoint may still store (a copy of the embedding).
-_TIED_HEADS = {"gpt2": "lm_head.weight", "gpt_neox": "embed_out.weight", "llama": "lm_head.weight"}
-
-_LAYER_LISTS = ("h", "layers")
-
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, or does not match the architecture."""
@@ -63,47 +63,12 @@ def build_module(config: ModelConfig) -> nn.Module:
     return _FAMILIES[config.family](config)
 
 
-def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested Flax params → flat dict keyed by Hugging Face state-dict names."""
-    flat: dict[str, Any] = {}
-
-    def rec(prefix: list[str], node: Any) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                m = re.fullmatch(r"(\w+?)_(\d+)", k)
-                parts = [m.group(1), m.group(2)] if m and m.group(1) in _LAYER_LISTS else [k]
-                rec(prefix + parts, v)
-        else:
-            flat[".".join(prefix)] = node
-
-    rec([], params)
-    return flat
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of `flatten_params`: `model.layers.3.x` → {'model': {'layers_3': {'x': ...}}}."""
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        parts = name.split(".")
-        keys: list[str] = []
-        for p in parts:
-            if p.isdigit() and keys:
-                keys[-1] = f"{keys[-1]}_{p}"
-            else:
-                keys.append(p)
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return out
-
-
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF name → shape of every parameter, without allocating anything (`jax.eval_shape`)."""
     module = build_module(config)
     ids = jnp.zeros((1, 4), jnp.int32)
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, jnp.ones_like(ids)))["params"]
-    return {k: tuple(v.shape) for k, v in flatten_params(shapes).items()}
+    return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
 
 
 def convert_state_dict(
@@ -120,7 +85,7 @@ def convert_state_dict(
     expected = param_shapes(config)
     missing = sorted(set(expected) - set(state_dict))
     leftover = sorted(set(state_dict) - set(expected))
-    tied_head = _TIED_HEADS[config.family]
+    tied_head = head_weight(config.family)  # a tied checkpoint may still store a copy of the embedding
     if config.tie_word_embeddings and tied_head in leftover:
         leftover.remove(tied_head)
     leftover = [k for k in leftover if not any(p.fullmatch(k) for p in _BUFFER_PATTERNS)]
@@ -138,7 +103,7 @@ def convert_state_dict(
                 f"{source}: tensor {name} has shape {tuple(value.shape)}, expected {shape}"
             )
         params[name] = jnp.asarray(value, dtype=dtype)
-    return unflatten_params(params)
+    return unflatten(params)
 
 
 @dataclasses.dataclass
@@ -159,14 +124,6 @@ class LoadedModel:
     @property
     def max_length(self) -> int:
         return self.config.max_position_embeddings
-
-
-def _sha256(path: pathlib.Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_safetensors(directory: pathlib.Path) -> tuple[dict[str, Any], list[pathlib.Path]]:
@@ -289,7 +246,7 @@ def load_model(
             raise UnsupportedModelError(f"{cfg_file}: unknown model_type {mt!r} ({e})") from e
         _config_or_raise(hf_config, str(cfg_file))  # fail on the architecture before reading weights
         state_dict, files = _read_safetensors(directory)
-        provenance["weights"] = [{"file": f.name, "sha256": _sha256(f)} for f in files]
+        provenance["weights"] = [{"file": f.name, "sha256": sha256_file(f)} for f in files]
         provenance["format"] = "safetensors"
         tok = _load_tokenizer(directory, required=False) if tokenizer else None
         source = str(directory)
