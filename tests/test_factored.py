@@ -16,6 +16,9 @@ import pytest
 import transformers
 
 from lmgrad.grads.factored import (
+    DEFAULT_OVERRIDES,
+    DEFAULT_R_IN,
+    DEFAULT_R_OUT,
     FactoredSpec,
     exact_pair_grads,
     factored_reference,
@@ -23,6 +26,7 @@ from lmgrad.grads.factored import (
     project_exact,
 )
 from lmgrad.models import loading
+from lmgrad.params import flatten, param_info
 from helpers_models import save_random
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -100,7 +104,7 @@ def test_identity_with_projected_exact_gradients(case):
     fast, layout = fn(model.params, good, bad)
     ref, ref_layout = project_exact(spec, fn.modules, grads)
     assert layout == ref_layout
-    assert {e["name"] for e in layout} == set(loading.flatten_params(model.params)), "every parameter is sketched"
+    assert {e["name"] for e in layout} == set(flatten(model.params)), "every parameter is sketched"
     assert fast.shape == (B, fn.dim) and fn.dim == sum(e["size"] for e in layout)
     _check_blocks(fast, ref, layout)
     json.dumps(layout), json.dumps(spec.spec)
@@ -113,7 +117,7 @@ def test_identity_with_projected_exact_gradients(case):
 
 def test_exact_vectors_and_selection(case):
     model, good, bad, grads = case
-    spec = FactoredSpec(seed=5, r_in=3, r_out=4, handle_vectors="exact", exclude=("*.mlp.*",))
+    spec = FactoredSpec(seed=5, r_in=3, r_out=4, overrides=(), handle_vectors="exact", exclude=("*.mlp.*",))
     fn = make_factored_sketch_fn(model, spec)
     fast, layout = fn(model.params, good, bad)
     ref, _ = project_exact(spec, fn.modules, grads)
@@ -128,17 +132,43 @@ def test_exact_vectors_and_selection(case):
 @pytest.mark.parametrize("model", ["neox"], indirect=True)  # one architecture is enough here
 def test_reference_entry_point_and_global_stage(case):
     model, good, bad, _ = case
-    spec = FactoredSpec(seed=1, r_in=3, r_out=3, global_k=64, global_s=2, handle_vectors="exclude")
+    spec = FactoredSpec(seed=1, r_in=3, r_out=3, overrides=(), global_k=64, global_s=2, handle_vectors="exclude")
     fast, layout = make_factored_sketch_fn(model, spec)(model.params, good, bad)
     ref, ref_layout = factored_reference(model, spec, good, bad)
-    assert layout == ref_layout == [{"name": "global", "offset": 0, "size": 64, "shape": [64]}]
+    assert layout == ref_layout == [{"name": "global", "offset": 0, "size": 64, "shape": [64],
+                                     "module": "global", "layer": None, "type": "other"}]
     _check_blocks(fast, ref, layout)
+
+
+def test_layout_blocks_carry_layer_type_and_tie(model):
+    """Each block says its module, layer and type (those of `lmgrad.params.param_info`, which also
+    choose its ranks); the embedding that is also the output head is marked `tied`."""
+    fn = make_factored_sketch_fn(model, FactoredSpec(seed=0, r_in=2, r_out=2, overrides=()))
+    tied = {e["name"] for e in fn.layout if e.get("tied")}
+    for e in fn.layout:
+        info = param_info(e["name"])
+        assert (e["module"], e["layer"], e["type"]) == (info.module, info.layer, info.type), e
+        assert (e["type"] == "embed") == (e["kind"] == "embedding"), e
+        assert (e["type"] == "norm") == (e["kind"] in ("layernorm", "rmsnorm")), e
+    assert {e["layer"] for e in fn.layout} == {None, 0}
+    token_embedding = {"gpt2": "transformer.wte.weight", "gpt_neox": "gpt_neox.embed_in.weight",
+                       "llama": "model.embed_tokens.weight"}[model.config.family]
+    assert tied == ({token_embedding} if model.config.tie_word_embeddings else set())
+    assert any(e["type"] == "head" for e in fn.layout) != model.config.tie_word_embeddings
+
+def test_spec_defaults_are_the_sketch_defaults():
+    spec = FactoredSpec()
+    assert (spec.r_in, spec.r_out, spec.overrides) == (DEFAULT_R_IN, DEFAULT_R_OUT, DEFAULT_OVERRIDES) == (
+        8, 16, (("*.v_proj.weight", 8, 128), ("*.down_proj.weight", 8, 128), ("embed", 16, 256), ("norm", 8, 256)))
+    assert spec.ranks("model.layers.3.self_attn.v_proj.weight", "attn") == (8, 128)
+    assert spec.ranks("model.embed_tokens.weight", "embed") == (16, 256)
+    assert spec.ranks("model.layers.3.self_attn.q_proj.weight", "attn") == (8, 16)
 
 
 @pytest.mark.parametrize("model", ["llama_gqa_tied"], indirect=True)
 def test_linearity_batch_size_and_seeds(case):
     model, good, bad, _ = case
-    spec = FactoredSpec(seed=11, r_in=4, r_out=4)
+    spec = FactoredSpec(seed=11, r_in=4, r_out=4, overrides=())
     fn = make_factored_sketch_fn(model, spec)
     diff, _ = fn(model.params, good, bad)
     # A partner with no scored tokens has zero loss: fn(x, null) is the sketch of ∇ℓ(x).
@@ -151,7 +181,7 @@ def test_linearity_batch_size_and_seeds(case):
     small, _ = make_factored_sketch_fn(model, spec)(model.params, sub(good), sub(bad))
     np.testing.assert_allclose(np.asarray(small), np.asarray(diff)[[2, 0]], rtol=2e-5, atol=1e-6 * np.abs(diff).max())
     # Another seed gives another sketch, of the same scale.
-    other, _ = make_factored_sketch_fn(model, FactoredSpec(seed=12, r_in=4, r_out=4))(model.params, good, bad)
+    other, _ = make_factored_sketch_fn(model, FactoredSpec(seed=12, r_in=4, r_out=4, overrides=()))(model.params, good, bad)
     d, o = np.asarray(diff)[:3], np.asarray(other)[:3]
     assert _rel(o, d) > 0.1 and 0.2 < np.linalg.norm(o) / np.linalg.norm(d) < 5
     assert fn.traces == 1, "one compile for repeated calls of one shape"
@@ -171,7 +201,7 @@ def test_kronecker_sketch_is_unbiased_within_chi_square_bound():
     r_o, r_i, S = 3, 2, 300
     vals = []
     for seed in range(S):
-        p_out, p_in = (np.asarray(p, np.float64) for p in factor_matrices(FactoredSpec(seed=seed, r_in=r_i, r_out=r_o), m))
+        p_out, p_in = (np.asarray(p, np.float64) for p in factor_matrices(FactoredSpec(seed=seed, r_in=r_i, r_out=r_o, overrides=()), m))
         vals.append(np.sum((p_out @ g @ p_in.T) ** 2))
     truth = np.sum(g**2)
     se = truth * np.sqrt(((1 + 2 / r_o) * (1 + 2 / r_i) - 1) / S)
@@ -207,7 +237,7 @@ def test_shard_map_equals_single_device(case):
 
     assert len(jax.devices()) >= 4, "tests/conftest.py sets 4 fake CPU devices"
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
-    fn = make_factored_sketch_fn(model, FactoredSpec(seed=2, r_in=3, r_out=3))
+    fn = make_factored_sketch_fn(model, FactoredSpec(seed=2, r_in=3, r_out=3, overrides=()))
     pad = lambda d: {k: np.concatenate([v, np.zeros((3,) + v.shape[1:], v.dtype)]) for k, v in d.items()}  # noqa: E731
     g8, b8 = pad(good), pad(bad)
     want, _ = fn(model.params, g8, b8)

@@ -44,8 +44,8 @@ norm is ‖P_out u‖²‖P_in v‖², whose relative variance is ≈ 2/r_out + 
 dimension per module grows like r, not r_out·r_in. Measured on SmolLM2-135M / BLiMP
 (bench/results/factored.jsonl): cosine-similarity agreement with exact gradients improves like
 1/√r for uniform ranks (Pearson 0.75 at r=8, 0.85 at r=16, 0.92 at r=32). Ranks are better spent
-where the gradient norm is and on the output side: the sketch job's default (r_in 8, r_out 16;
-v_proj/down_proj 8×128, embeddings 16×256, norms 256) reaches 0.975 (0.967 with another seed) at
+where the gradient norm is and on the output side: the defaults here (`DEFAULT_R_IN` 8,
+`DEFAULT_R_OUT` 16, `DEFAULT_OVERRIDES`: v_proj/down_proj 8×128, embeddings 16×256, norms 256) reach 0.975 (0.967 with another seed) at
 K = 100k in the same time as uniform 16×16 (bench/results/fidelity.jsonl).
 
 Padding tokens and padding rows contribute exactly zero (projected factors are masked). The
@@ -55,9 +55,7 @@ returned function's `.core` is pure and shape-polymorphic in B, for jit or shard
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -65,9 +63,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmgrad.grads.differential import _check_pair, _sanitize, as_arrays
+from lmgrad.grads.differential import check_pair, sanitize, as_arrays
 from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm
-from lmgrad.models.loading import flatten_params
+from lmgrad.params import TYPES, block_fields, flatten, matches, param_info, select
 from lmgrad.scoring import sequence_logprob
 from lmgrad.sketch import hashing
 from lmgrad.sketch.projectors import gaussian_matrix, make_projector
@@ -76,13 +74,19 @@ Array = jax.Array
 Layout = list[dict[str, Any]]
 
 VECTOR_POLICIES = ("project", "exact", "exclude")
-MODULE_TYPES = ("embed", "head", "attn", "mlp", "norm", "other")
+MODULE_TYPES = TYPES  # embed, head, attn, mlp, norm, other (`lmgrad.params.param_info`)
+
+# The one definition of the factored sketch's default ranks (the sketch job's defaults import them).
+DEFAULT_R_IN = 8
+DEFAULT_R_OUT = 16
+DEFAULT_OVERRIDES: tuple[tuple[str, int, int], ...] = (
+    ("*.v_proj.weight", 8, 128), ("*.down_proj.weight", 8, 128), ("embed", 16, 256), ("norm", 8, 256),
+)
 _FIELDS = ("input_ids", "attention_mask", "target_mask")
 _HIGHEST = jax.lax.Precision.HIGHEST
 _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (Linear, "linear"), (Conv1D, "conv1d"), (Embedding, "embedding"), (LayerNorm, "layernorm"), (RMSNorm, "rmsnorm"),
 )
-_HEAD_NAMES = ("lm_head", "embed_out")
 
 
 # ----------------------------------------------------------------------------------------- spec
@@ -92,8 +96,8 @@ class FactoredSpec:
 
     Attributes:
       seed: projection seed.
-      r_in, r_out: default factor ranks (a weight block is r_out × r_in).
-      overrides: ((key, r_in, r_out), ...), first match wins. ``key`` is a module type from
+      r_in, r_out: default factor ranks (a weight block is r_out × r_in); `DEFAULT_R_IN`, `DEFAULT_R_OUT`.
+      overrides: ((key, r_in, r_out), ...), first match wins; `DEFAULT_OVERRIDES` unless given. ``key`` is a module type from
         `MODULE_TYPES` (embed, head, attn, mlp, norm, other) or a pattern over the module's HF
         weight name: a glob (`fnmatch`, ``*`` crosses dots) or ``re:<regex>`` (full match). A
         mapping {key: (r_in, r_out)} is accepted and kept in insertion order.
@@ -104,9 +108,9 @@ class FactoredSpec:
     """
 
     seed: int = 0
-    r_in: int = 16
-    r_out: int = 16
-    overrides: Any = ()
+    r_in: int = DEFAULT_R_IN
+    r_out: int = DEFAULT_R_OUT
+    overrides: Any = DEFAULT_OVERRIDES
     include: Any = None
     exclude: Any = ()
     handle_vectors: str = "project"
@@ -163,19 +167,13 @@ class FactoredSpec:
     def ranks(self, weight_name: str, module_type: str) -> tuple[int, int]:
         """(r_in, r_out) for the module whose HF weight is `weight_name`."""
         for key, r_in, r_out in self.overrides:
-            if key == module_type or (key not in MODULE_TYPES and _matches(weight_name, key)):
+            if key == module_type or (key not in MODULE_TYPES and matches(weight_name, key)):
                 return r_in, r_out
         return self.r_in, self.r_out
 
 
 def _pos_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
-
-
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
 
 
 # --------------------------------------------------------------------------- model description
@@ -186,24 +184,9 @@ class _Module:
     weight: str  # HF name of the weight (the projection names derive from it)
     shape: tuple[int, ...]  # weight shape, HF layout
     bias: str | None
-    type: str  # MODULE_TYPES entry
+    type: str  # MODULE_TYPES entry (`lmgrad.params.param_info`)
     tied_head: bool = False  # embedding also used as the output head
-
-
-def _module_type(prefix: str, kind: str) -> str:
-    if kind == "embedding":
-        return "embed"
-    if kind in ("layernorm", "rmsnorm"):
-        return "norm"
-    last = prefix.split(".")[-1]
-    if last in _HEAD_NAMES:
-        return "head"
-    parts = prefix.split(".")
-    if any(p in ("attn", "self_attn", "attention") for p in parts):
-        return "attn"
-    if "mlp" in parts:
-        return "mlp"
-    return "other"
+    layer: int | None = None  # transformer block index, None outside the stack
 
 
 def _flax_path_to_hf(path: Sequence[str]) -> str:
@@ -212,7 +195,7 @@ def _flax_path_to_hf(path: Sequence[str]) -> str:
     for p in path:
         cur = cur.setdefault(p, {})
     cur["__leaf__"] = 0
-    (name,) = flatten_params(node)
+    (name,) = flatten(node)
     return name[: -len(".__leaf__")]
 
 
@@ -234,14 +217,16 @@ def describe_modules(module: nn.Module, params: Any) -> dict[str, _Module]:
     ids = jnp.zeros((1, 4), jnp.int32)
     with nn.intercept_methods(record):
         jax.eval_shape(lambda p: module.apply({"params": p}, ids, jnp.ones_like(ids)), params)
-    flat = flatten_params(params)
+    flat = flatten(params)
+    family = getattr(getattr(module, "config", None), "family", None)
     out = {}
     for prefix, kind in sorted(kinds.items()):
         w = f"{prefix}.weight"
         b = f"{prefix}.bias" if f"{prefix}.bias" in flat else None
         if w not in flat:
             raise ValueError(f"factored: module {prefix} ({kind}) has no parameter {w}")
-        out[prefix] = _Module(prefix, kind, w, tuple(flat[w].shape), b, _module_type(prefix, kind), prefix in heads)
+        info = param_info(w, family)
+        out[prefix] = _Module(prefix, kind, w, tuple(flat[w].shape), b, info.type, prefix in heads, info.layer)
     covered = {m.weight for m in out.values()} | {m.bias for m in out.values() if m.bias}
     stray = sorted(set(flat) - covered)
     if stray:
@@ -270,14 +255,10 @@ def factor_matrices(spec: FactoredSpec, m: _Module, dtype: Any = jnp.float32) ->
 
 
 def _selected(spec: FactoredSpec, names: Sequence[str]) -> list[str]:
-    out = [
-        n for n in names
-        if (spec.include is None or any(_matches(n, p) for p in spec.include))
-        and not any(_matches(n, p) for p in spec.exclude)
-    ]
-    if not out:
-        raise ValueError(f"factored: no parameter selected by include={spec.include} exclude={spec.exclude}")
-    return out
+    try:
+        return select(names, spec.include, spec.exclude)
+    except ValueError:
+        raise ValueError(f"factored: no parameter selected by include={spec.include} exclude={spec.exclude}") from None
 
 
 def _entries(spec: FactoredSpec, modules: Mapping[str, _Module]) -> list[dict[str, Any]]:
@@ -300,8 +281,11 @@ def _entries(spec: FactoredSpec, modules: Mapping[str, _Module]) -> list[dict[st
             shape = [_io_dims(m)[1]]
         else:
             shape = [r_out]
-        out.append({"name": name, "module": m.prefix, "kind": m.kind, "type": m.type, "role": role,
-                    "shape": shape, "size": math.prod(shape)})
+        entry = {"name": name, "module": m.prefix, "layer": m.layer, "kind": m.kind, "type": m.type, "role": role,
+                 "shape": shape, "size": math.prod(shape)}
+        if m.tied_head:  # one tensor, two uses: its block sketches the embedding's and the head's gradient
+            entry["tied"] = True
+        out.append(entry)
     if not out:
         raise ValueError("factored: the selection holds no parameter to sketch")
     return out
@@ -313,6 +297,11 @@ def _with_offsets(entries: list[dict[str, Any]]) -> Layout:
         out.append({**e, "offset": offset})
         offset += e["size"]
     return out
+
+
+def _global_layout(k: int) -> Layout:
+    """The layout of a `global_k` sketch: one block mixing every parameter."""
+    return [{"name": "global", "offset": 0, "size": k, "shape": [k], **block_fields("global")}]
 
 
 # ------------------------------------------------------------------------------- batch helpers
@@ -443,7 +432,7 @@ class FactoredSketchFn:
         if spec.global_k is None:
             self.layout = self.block_layout
         else:
-            self.layout = [{"name": "global", "offset": 0, "size": int(spec.global_k), "shape": [int(spec.global_k)]}]
+            self.layout = _global_layout(int(spec.global_k))
         self.dim = sum(e["size"] for e in self.layout)
         self.traces = 0
         self._jit = jax.jit(self._counted)
@@ -472,7 +461,7 @@ class FactoredSketchFn:
         """Pure [B, K] sketch; `factors` (from `factors()`) or None to generate them in the trace."""
         if factors is None:
             factors = {m.prefix: factor_matrices(self.spec, m) for m in self._used()}
-        g, bd = _sanitize(good), _sanitize(bad)
+        g, bd = sanitize(good), sanitize(bad)
         cat = {k: jnp.concatenate([g[k], bd[k]], axis=0) for k in _FIELDS}
         valid2 = jnp.concatenate([g["valid"], g["valid"]])
         sign = jnp.concatenate([jnp.ones_like(g["target_mask"][:, 0]), -jnp.ones_like(bd["target_mask"][:, 0])])
@@ -498,7 +487,7 @@ class FactoredSketchFn:
             return jnp.sum(sign * nll), state["intermediates"]
 
         dpert, inter = jax.grad(loss, has_aux=True)(pert0)
-        dys, inter = flatten_params(dpert), flatten_params(inter)
+        dys, inter = flatten(dpert), flatten(inter)
         tok = (am > 0) & valid2[:, None]
         want = {e["name"] for e in self.block_layout}
         blocks: dict[str, Array] = {}
@@ -514,7 +503,7 @@ class FactoredSketchFn:
 
     def __call__(self, params: Any, good: Any, bad: Any) -> tuple[Array, Layout]:
         g, b = as_arrays(good), as_arrays(bad)
-        _check_pair(g, b)
+        check_pair(g, b)
         return self._jit(params, g, b, self.factors()), self.layout
 
 
@@ -544,11 +533,11 @@ def exact_pair_grads(module: nn.Module, params: Any, good: Any, bad: Any) -> dic
         return -sequence_logprob(logits, row["input_ids"], row["target_mask"])[0]
 
     grad_fn = jax.jit(jax.grad(lambda p, gr, br: nll(p, gr) - nll(p, br)))
-    flat0 = flatten_params(params)
+    flat0 = flatten(params)
     out = {n: np.zeros((g["input_ids"].shape[0],) + tuple(v.shape), np.float64) for n, v in flat0.items()}
     for i in np.flatnonzero(np.asarray(g["valid"])):
         row = lambda d: {k: d[k][i: i + 1] for k in _FIELDS}  # noqa: E731
-        for n, v in flatten_params(grad_fn(params, row(g), row(b))).items():
+        for n, v in flatten(grad_fn(params, row(g), row(b))).items():
             out[n][i] = np.asarray(v, np.float64)
     return out
 
@@ -580,7 +569,7 @@ def project_exact(
         return np.concatenate([blocks[e["name"]] for e in layout], axis=1), layout
     proj = make_projector("sjlt", int(spec.global_k), spec.seed, s=spec.global_s)
     out = sum(blk @ proj.dense_matrix(name, blk.shape[1]).T for name, blk in sorted(blocks.items()))
-    return out, [{"name": "global", "offset": 0, "size": int(spec.global_k), "shape": [int(spec.global_k)]}]
+    return out, _global_layout(int(spec.global_k))
 
 
 def factored_reference(
@@ -595,6 +584,6 @@ def factored_reference(
 
 
 __all__ = [
-    "FactoredSketchFn", "FactoredSpec", "MODULE_TYPES", "VECTOR_POLICIES", "describe_modules", "exact_pair_grads",
+    "DEFAULT_OVERRIDES", "DEFAULT_R_IN", "DEFAULT_R_OUT", "FactoredSketchFn", "FactoredSpec", "MODULE_TYPES", "VECTOR_POLICIES", "describe_modules", "exact_pair_grads",
     "factor_matrices", "factored_reference", "make_factored_sketch_fn", "project_exact",
 ]

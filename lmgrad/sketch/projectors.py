@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmgrad.params import block_fields
 from lmgrad.sketch import hashing
 
 Array = jax.Array
@@ -197,8 +198,11 @@ class Projector(abc.ABC):
         return int(self.k)
 
     def layout(self, shapes: Shapes) -> list[dict[str, Any]]:
-        """How the K columns of a sketch map back to parameters (one global block for random kinds)."""
-        return [{"name": "global", "offset": 0, "size": int(self.k)}]
+        """How the K columns of a sketch map back to parameters (one global block for random kinds).
+
+        Every block also carries ``module``, ``layer`` and ``type`` (`lmgrad.params.block_fields`).
+        """
+        return [{"name": "global", "offset": 0, "size": int(self.k), **block_fields("global")}]
 
     # -- computation
     def project(self, grads: Mapping[str, Array], shapes: Shapes | None = None) -> Array:
@@ -239,7 +243,8 @@ class IdentityProjector(Projector):
         out, offset = [], 0
         for name in sorted(shapes):
             size = math.prod(shapes[name])
-            out.append({"name": name, "shape": tuple(int(d) for d in shapes[name]), "offset": offset, "size": size})
+            out.append({"name": name, "shape": tuple(int(d) for d in shapes[name]), "offset": offset, "size": size,
+                        **block_fields(name)})
             offset += size
         return out
 
