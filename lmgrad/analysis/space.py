@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from lmgrad.params import block_fields, local_module
+from lmgrad.store.format import normalize_layout as _normalize_layout
+
 SIMILARITY_KINDS = ("cosine", "pearson")
 GROUP_BYS = ("block", "layer", "module_type")
 
@@ -145,83 +148,66 @@ def task_similarity(sketch_nk: np.ndarray, tasks: Sequence[Any] | np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class ParamInfo:
-    """Where an HF parameter sits: layer index (None outside the stack) and module type."""
+    """The analysis' view of an HF parameter: layer index (None outside the stack) and module group."""
     name: str
     layer: int | None
     module_type: str
 
 
-# Stacks: Llama/Mistral/Qwen `model.layers.N`, GPT-2 `transformer.h.N`, NeoX `gpt_neox.layers.N`,
-# BERT-like `encoder.layer.N`, and `blocks.N` for home-grown models.
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.(.+)$")
-_SPECIAL = (  # (pattern on the full name, group); checked in order
-    (re.compile(r"(embed_tokens|wte|wpe|embed_in|word_embeddings|position_embeddings"
-                r"|embed_positions)\b"), "embed"),
-    (re.compile(r"(^|\.)(lm_head|embed_out|output)(\.|$)"), "head"),
-    (re.compile(r"(^|\.)(norm|ln_f|final_layer_norm|final_layernorm)\.(weight|bias)$"),
-     "final_norm"),
-)
+TIED_GROUP = "embed+head (tied)"
+# Module groups outside the stack, by `lmgrad.params` type; other types keep their module path.
+_TOP_GROUPS = {"embed": "embed", "head": "head", "norm": "final_norm"}
 
 
-def _strip_suffix(name: str) -> str:
-    return re.sub(r"\.(weight|bias|kernel|scale)$", "", name)
+def module_group(block: Mapping[str, Any]) -> str:
+    """Module group of a layout block (with ``module``, ``layer``, ``type``; see `normalize_layout`).
+
+    Inside the stack, the module's path within its block (``mlp.down_proj``, ``attn.c_attn``), the
+    same for every layer. Outside it: ``embed``, ``head``, ``final_norm``, ``embed+head (tied)``
+    for an embedding that is also the output head (``tied`` block), else the module path.
+    """
+    if block.get("layer") is not None:
+        return local_module(block["module"], int(block["layer"]))
+    if block.get("tied"):
+        return TIED_GROUP
+    return _TOP_GROUPS.get(block["type"], block["module"])
 
 
 def parse_param_name(name: str) -> ParamInfo:
-    """Layer index and module type from an HF parameter name.
+    """Layer index and module group of an HF parameter name (`lmgrad.params.param_info`).
 
     ``model.layers.7.mlp.down_proj.weight`` → (7, ``mlp.down_proj``);
     ``transformer.h.7.attn.c_attn.weight`` → (7, ``attn.c_attn``);
-    ``gpt_neox.layers.7.attention.query_key_value.weight`` → (7, ``attention.query_key_value``).
-    Embeddings, LM head and final norm get module types ``embed``, ``head``, ``final_norm`` and no
-    layer; anything else keeps its own (suffix-free) name as its type.
+    ``model.norm.weight`` → (None, ``final_norm``). Layout blocks carry these fields already;
+    `group_columns` reads them there.
     """
-    m = _LAYER_RE.search(name)
-    if m:
-        return ParamInfo(name, int(m.group(1)), _strip_suffix(m.group(2)))
-    for pattern, group in _SPECIAL:
-        if pattern.search(name):
-            return ParamInfo(name, None, group)
-    return ParamInfo(name, None, _strip_suffix(name))
+    fields = block_fields(name)
+    return ParamInfo(name, fields["layer"], module_group(fields))
 
 
-def _group_key(info: ParamInfo, group_by: str) -> str:
+def _group_key(block: Mapping[str, Any], group_by: str) -> str:
     if group_by == "block":
-        return info.name
-    if group_by == "layer":
-        return f"layers.{info.layer}" if info.layer is not None else info.module_type
-    return info.module_type
+        return block["name"]
+    if group_by == "layer" and block.get("layer") is not None:
+        return f"layers.{block['layer']}"
+    return module_group(block)
 
 
 def _group_order(key: str, first_seen: int) -> tuple:
     # Embeddings first, then the stack in layer order, then final norm and head: network order.
     m = re.fullmatch(r"layers\.(\d+)", key)
-    rank = {"embed": 0, "final_norm": 2, "head": 3}.get(key, 1)
+    rank = {"embed": 0, TIED_GROUP: 0, "final_norm": 2, "head": 3}.get(key, 1)
     return (rank, int(m.group(1)) if m else -1, first_seen)
 
 
 def normalize_layout(layout: Sequence[Mapping[str, Any]] | None, k: int) -> list[dict]:
-    """Layout as a list of ``{name, offset, size}``; None means one ``global`` block of width k.
+    """Blocks tiling ``[0, k)``, sorted, each with ``module``/``layer``/``type``; None → one ``global`` block.
 
-    Blocks must tile ``[0, k)`` exactly; a gap or overlap would silently mis-attribute columns.
+    The store's `lmgrad.store.format.normalize_layout` with ``tile=True``: a gap or overlap would
+    silently mis-attribute columns, and layouts written before blocks carried their layer and
+    type get them from the names.
     """
-    if not layout:
-        return [{"name": "global", "offset": 0, "size": int(k)}]
-    out, end = [], 0
-    for i, b in enumerate(sorted(layout, key=lambda b: int(b["offset"]))):
-        for field in ("name", "offset", "size"):
-            if field not in b:
-                raise ValueError(f"layout[{i}]: missing field {field!r} in {dict(b)}")
-        if int(b["size"]) <= 0:
-            raise ValueError(f"layout: block {b['name']!r} has size {b['size']} (must be > 0)")
-        if int(b["offset"]) != end:
-            raise ValueError(f"layout: block {b['name']!r} starts at {b['offset']}, expected {end} "
-                             "(blocks must tile the sketch without gaps or overlap)")
-        end = int(b["offset"]) + int(b["size"])
-        out.append({"name": str(b["name"]), "offset": int(b["offset"]), "size": int(b["size"])})
-    if end != k:
-        raise ValueError(f"layout: blocks cover {end} columns but sketches have K={k}")
-    return out
+    return _normalize_layout(layout, k, tile=True)
 
 
 def is_global_layout(layout: Sequence[Mapping[str, Any]] | None) -> bool:
@@ -231,14 +217,16 @@ def is_global_layout(layout: Sequence[Mapping[str, Any]] | None) -> bool:
 
 def group_columns(layout: Sequence[Mapping[str, Any]] | None, k: int, group_by: str = "layer"
                   ) -> dict[str, np.ndarray]:
-    """Ordered ``{group name: column indices}`` for ``group_by`` in ``block|layer|module_type``."""
+    """Ordered ``{group name: column indices}`` for ``group_by`` in ``block|layer|module_type``.
+
+    Groups come from the blocks' ``layer`` and ``type`` fields (`module_group`), in network order.
+    """
     if group_by not in GROUP_BYS:
         raise ValueError(f"group_by: expected one of {GROUP_BYS}, got {group_by!r}")
     blocks = normalize_layout(layout, k)
     cols: dict[str, list[np.ndarray]] = {}
     for b in blocks:
-        key = _group_key(parse_param_name(b["name"]), group_by)
-        cols.setdefault(key, []).append(np.arange(b["offset"], b["offset"] + b["size"]))
+        cols.setdefault(_group_key(b, group_by), []).append(np.arange(b["offset"], b["offset"] + b["size"]))
     order = sorted(cols, key=lambda g: _group_order(g, list(cols).index(g)))
     return {g: np.concatenate(cols[g]) for g in order}
 

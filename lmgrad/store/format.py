@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from lmgrad.io import sha256_file
+from lmgrad.params import block_fields
 from lmgrad.store.errors import StoreCorruptError
 
 FORMAT = "lmgrad.store/1"
@@ -114,10 +115,21 @@ def normalize_json(obj: Any, what: str) -> Any:
         raise TypeError(f"lmgrad.store: {what} must be JSON-serialisable: {e}") from None
 
 
-def normalize_layout(layout: Any, k: int) -> list[dict]:
-    """Validate layout blocks [{name, offset, size, shape?}]: unique names, in [0, k), no overlap."""
-    if layout is None:
-        return []
+def normalize_layout(layout: Any, k: int, *, tile: bool = False) -> list[dict]:
+    """Validated layout blocks ``[{name, offset, size, shape?, module, layer, type, ...}]``.
+
+    Every block: a dict with a unique non-empty name and int offset/size inside ``[0, k)``; blocks
+    do not overlap; a ``shape`` has ``size`` elements; other fields are kept. ``module``, ``layer``
+    and ``type``, absent from layouts written before blocks carried them, are filled from the name
+    (`lmgrad.params.block_fields`).
+
+    ``tile=False`` (what the store writes): None means no layout (``[]``); order is kept and gaps
+    are allowed. ``tile=True`` (what the analysis reads): None or ``[]`` means one ``global``
+    block of width k; blocks come back sorted by offset and must tile ``[0, k)`` exactly, since a
+    gap would silently mis-attribute columns.
+    """
+    if not layout:
+        return [{"name": "global", "offset": 0, "size": int(k), **block_fields("global")}] if tile else []
     out: list[dict] = []
     names: set[str] = set()
     for i, blk in enumerate(layout):
@@ -148,11 +160,23 @@ def normalize_layout(layout: Any, k: int) -> list[dict]:
                 raise ValueError(f"lmgrad.store: {where}.shape {shape} has {int(np.prod(shape))} "
                                  f"elements but size is {size}")
             entry["shape"] = shape
+        for key, value in block_fields(name).items():
+            entry.setdefault(key, value)
         out.append(entry)
     spans = sorted((b["offset"], b["offset"] + b["size"], b["name"]) for b in out)
     for (_, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise ValueError(f"lmgrad.store: layout blocks {n0!r} and {n1!r} overlap")
+    if tile:
+        end = 0
+        for start, stop, name in spans:
+            if start != end:
+                raise ValueError(f"lmgrad.store: layout block {name!r} starts at {start}, expected {end} "
+                                 "(blocks must tile the sketch without gaps)")
+            end = stop
+        if end != k:
+            raise ValueError(f"lmgrad.store: layout blocks cover {end} columns but sketches have K={k}")
+        out.sort(key=lambda b: b["offset"])
     return out
 
 
