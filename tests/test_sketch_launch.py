@@ -201,3 +201,26 @@ def test_two_processes_distributed_equal_one(ckpt, model, tmp_path):
     assert len(by_key) == 9
     for u, p, r in zip(multi.meta["UID"], multi.meta["pairID"], multi.sketches):
         np.testing.assert_allclose(r, by_key[(u, p)], rtol=1e-5, atol=1e-6)
+
+
+def test_token_identical_pairs_are_dropped_and_recorded(model, tmp_path):
+    # A tokenizer that lowercases makes "The cat ..." and "the cat ..." one token sequence: a pair
+    # with an exactly-zero differential, which selection (comparing strings) cannot see.
+    import json
+
+    from tokenizers import normalizers
+
+    from lmgrad.tasks import load_jsonl
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    lower = type(model)(**{**model.__dict__, "tokenizer": tok})
+    f = tmp_path / "pairs.jsonl"
+    rows = [{"sentence_good": "The cat sat.", "sentence_bad": "the cat sat.", "UID": "case", "pairID": "0"},
+            {"sentence_good": "The cats sat.", "sentence_bad": "The cats sits.", "UID": "case", "pairID": "1"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sketch_pairs(lower, load_jsonl(f), tmp_path / "s", SketchOptions(projector="gaussian", k=8))
+    st = lstore.open(tmp_path / "s")
+    assert st.complete and list(st.meta["pairID"]) == ["1"]
+    assert st.config["loss"]["dropped_token_identical"] == [["case", "0"]]
+    assert np.abs(st.sketches).sum() > 0

@@ -247,8 +247,13 @@ def sketch_pairs(
             check_finite(rows, g.index, pairs)
             idx = g.index[g.valid]
             buf_rows.append(rows[g.valid])
+            # The sentences and their token counts travel with each row, so an offline analysis
+            # (surface controls, attribution queries) needs nothing but the store.
             buf_meta.extend({"UID": pairs[i].UID, "pairID": pairs[i].pairID, "field": pairs[i].field,
-                             "linguistics_term": pairs[i].linguistics_term} for i in idx)
+                             "linguistics_term": pairs[i].linguistics_term,
+                             "sentence_good": pairs[i].sentence_good, "sentence_bad": pairs[i].sentence_bad,
+                             "n_tokens_good": int(len(good[i])), "n_tokens_bad": int(len(bad[i]))}
+                            for i in idx)
             done += n_valid
             n_batches += 1
             if progress is not None:
