@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from lmgrad.models import loading
+from lmgrad.params import flatten
 from lmgrad.models.config import UnsupportedModelError
 from lmgrad.scoring import sequence_logprob
 from helpers_models import checkpoint_name, save_random
@@ -123,7 +124,7 @@ def test_gradients_of_every_parameter(pair):
         out = model.apply(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
         return -sequence_logprob(out, jnp.asarray(ids), jnp.asarray(target)).sum()
 
-    grads = loading.flatten_params(jax.grad(nll)(model.params))
+    grads = flatten(jax.grad(nll)(model.params))
     assert set(grads) == set(ref), set(grads) ^ set(ref)
     for name, g in grads.items():
         assert _rel(np.asarray(g), ref[name]) < 1e-4, name
@@ -157,6 +158,24 @@ def test_unknown_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5_like_thing", "vocab_size": 3}))
     with pytest.raises((UnsupportedModelError, loading.CheckpointError), match="t5_like_thing"):
         loading.load_model(str(tmp_path), tokenizer=False)
+
+
+def test_one_converter_per_family():
+    from lmgrad.models import config as C
+
+    assert C.SUPPORTED_MODEL_TYPES == ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+    assert {mt: C.CONVERTERS[mt] for mt in ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")} == {
+        "gpt2": C.gpt2_config, "gpt_neox": C.gpt_neox_config, "llama": C.llama_config,
+        "mistral": C.llama_config, "qwen2": C.llama_config}
+    for name, make in VARIANTS.items():
+        hf = make()
+        cfg = C.from_hf_config(hf)
+        assert cfg == C.CONVERTERS[hf.model_type](hf) and cfg.model_type == hf.model_type, name
+    assert C.from_hf_config(VARIANTS["qwen2"]()).family == "llama"
+    with pytest.raises(UnsupportedModelError, match=r"'t5'.*supported: gpt2, gpt_neox, llama, mistral, qwen2"):
+        C.from_hf_config(transformers.T5Config())
+    with pytest.raises(UnsupportedModelError, match="scale_attn_weights"):
+        C.from_hf_config(transformers.GPT2Config(scale_attn_weights=False))
 
 
 def test_supported_transformers_type_we_do_not_implement(tmp_path):
@@ -202,7 +221,7 @@ def test_sharded_checkpoint_equals_single(tmp_path):
     a = loading.load_model(str(tmp_path / "single"), tokenizer=False)
     b = loading.load_model(str(tmp_path / "sharded"), tokenizer=False)
     assert len(b.provenance["weights"]) > 1
-    fa, fb = loading.flatten_params(a.params), loading.flatten_params(b.params)
+    fa, fb = flatten(a.params), flatten(b.params)
     assert set(fa) == set(fb)
     for k in fa:
         np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]))

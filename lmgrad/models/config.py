@@ -1,18 +1,18 @@
 """One frozen config for every supported causal LM, built from a `transformers` config.
 
 `transformers` owns config parsing (it normalises old `rope_scaling`/`rotary_pct` fields into
-`rope_parameters`); we only read the fields our Flax modules need and refuse what we do not support.
+`rope_parameters`); we only read the fields our Flax modules need and refuse what we do not support. One converter
+per family (`gpt2_config`, `gpt_neox_config`, `llama_config`), registered by HF `model_type` in
+`CONVERTERS`; `from_hf_config` dispatches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
-
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
 
 
 class UnsupportedModelError(ValueError):
@@ -89,88 +89,95 @@ def _get(hf: Any, name: str, default: Any = None) -> Any:
     return getattr(hf, name, default) if hf is not None else default
 
 
-def from_hf_config(hf: Any) -> ModelConfig:
-    """Builds a `ModelConfig` from a `transformers.PretrainedConfig`.
-
-    Raises `UnsupportedModelError` naming the model_type or option we do not implement.
-    """
-    mt = _get(hf, "model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"unknown model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    common = dict(
-        model_type=mt,
+def _common(hf: Any) -> dict[str, Any]:
+    return dict(
+        model_type=hf.model_type,
         vocab_size=int(hf.vocab_size),
         bos_token_id=_get(hf, "bos_token_id"),
         eos_token_id=_get(hf, "eos_token_id"),
     )
-    if mt == "gpt2":
-        if _get(hf, "reorder_and_upcast_attn", False):
-            # Only changes numerics in half precision; we always upcast the softmax anyway.
-            pass
-        if not _get(hf, "scale_attn_weights", True):
-            raise UnsupportedModelError("gpt2 with scale_attn_weights=False is not supported")
-        d = int(hf.n_embd)
-        return ModelConfig(
-            **common,
-            hidden_size=d,
-            num_layers=int(hf.n_layer),
-            num_heads=int(hf.n_head),
-            num_kv_heads=int(hf.n_head),
-            head_dim=d // int(hf.n_head),
-            intermediate_size=int(_get(hf, "n_inner") or 4 * d),
-            max_position_embeddings=int(hf.n_positions),
-            norm_eps=float(hf.layer_norm_epsilon),
-            hidden_act=str(hf.activation_function),
-            tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
-            qkv_bias=True,
-            o_bias=True,
-            mlp_bias=True,
-            scale_attn_by_inverse_layer_idx=bool(_get(hf, "scale_attn_by_inverse_layer_idx", False)),
-        )
+
+
+def _rope(hf: Any) -> dict[str, Any]:
     rope = dict(_get(hf, "rope_parameters") or {})
     if not rope:  # transformers < 5 style configs
         rope = dict(_get(hf, "rope_scaling") or {})
         rope.setdefault("rope_theta", _get(hf, "rope_theta", _get(hf, "rotary_emb_base", 10000.0)))
+    return rope
+
+
+def gpt2_config(hf: Any) -> ModelConfig:
+    """GPT-2 (`transformers.GPT2Config`). `reorder_and_upcast_attn` is ignored: it only changes
+    half-precision numerics, and our softmax is always upcast."""
+    if not _get(hf, "scale_attn_weights", True):
+        raise UnsupportedModelError("gpt2 with scale_attn_weights=False is not supported")
+    d = int(hf.n_embd)
+    return ModelConfig(
+        **_common(hf),
+        hidden_size=d,
+        num_layers=int(hf.n_layer),
+        num_heads=int(hf.n_head),
+        num_kv_heads=int(hf.n_head),
+        head_dim=d // int(hf.n_head),
+        intermediate_size=int(_get(hf, "n_inner") or 4 * d),
+        max_position_embeddings=int(hf.n_positions),
+        norm_eps=float(hf.layer_norm_epsilon),
+        hidden_act=str(hf.activation_function),
+        tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        scale_attn_by_inverse_layer_idx=bool(_get(hf, "scale_attn_by_inverse_layer_idx", False)),
+    )
+
+
+def gpt_neox_config(hf: Any) -> ModelConfig:
+    """GPT-NeoX / Pythia (`transformers.GPTNeoXConfig`): partial rotary, parallel residual."""
+    rope = _rope(hf)
     d = int(hf.hidden_size)
     nh = int(hf.num_attention_heads)
-    if mt == "gpt_neox":
-        head_dim = d // nh
-        pct = float(rope.get("partial_rotary_factor", _get(hf, "rotary_pct", 1.0)))
-        rotary_dim = int(head_dim * pct)
-        inv_freq, att = _rope_inv_freq(rope, rotary_dim, int(hf.max_position_embeddings))
-        return ModelConfig(
-            **common,
-            hidden_size=d,
-            num_layers=int(hf.num_hidden_layers),
-            num_heads=nh,
-            num_kv_heads=nh,
-            head_dim=head_dim,
-            intermediate_size=int(hf.intermediate_size),
-            max_position_embeddings=int(hf.max_position_embeddings),
-            norm_eps=float(hf.layer_norm_eps),
-            hidden_act=str(hf.hidden_act),
-            tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-            rotary_dim=rotary_dim,
-            inv_freq=tuple(float(x) for x in inv_freq),
-            rope_attention_factor=att,
-            parallel_residual=bool(_get(hf, "use_parallel_residual", True)),
-            qkv_bias=bool(_get(hf, "attention_bias", True)),
-            o_bias=bool(_get(hf, "attention_bias", True)),
-            mlp_bias=True,
-        )
-    # Llama family: llama, mistral, qwen2.
+    head_dim = d // nh
+    pct = float(rope.get("partial_rotary_factor", _get(hf, "rotary_pct", 1.0)))
+    rotary_dim = int(head_dim * pct)
+    inv_freq, att = _rope_inv_freq(rope, rotary_dim, int(hf.max_position_embeddings))
+    return ModelConfig(
+        **_common(hf),
+        hidden_size=d,
+        num_layers=int(hf.num_hidden_layers),
+        num_heads=nh,
+        num_kv_heads=nh,
+        head_dim=head_dim,
+        intermediate_size=int(hf.intermediate_size),
+        max_position_embeddings=int(hf.max_position_embeddings),
+        norm_eps=float(hf.layer_norm_eps),
+        hidden_act=str(hf.hidden_act),
+        tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        rotary_dim=rotary_dim,
+        inv_freq=tuple(float(x) for x in inv_freq),
+        rope_attention_factor=att,
+        parallel_residual=bool(_get(hf, "use_parallel_residual", True)),
+        qkv_bias=bool(_get(hf, "attention_bias", True)),
+        o_bias=bool(_get(hf, "attention_bias", True)),
+        mlp_bias=True,
+    )
+
+
+def llama_config(hf: Any) -> ModelConfig:
+    """The Llama family (`LlamaConfig`, `MistralConfig`, `Qwen2Config`): GQA, RMSNorm, RoPE variants.
+    Qwen2 always has q/k/v biases and no o_proj bias."""
+    rope = _rope(hf)
+    d = int(hf.hidden_size)
+    nh = int(hf.num_attention_heads)
     head_dim = int(_get(hf, "head_dim") or d // nh)
     pct = float(rope.get("partial_rotary_factor", 1.0))
     rotary_dim = int(head_dim * pct)
     inv_freq, att = _rope_inv_freq(rope, rotary_dim, int(hf.max_position_embeddings))
-    if mt == "qwen2":
+    if hf.model_type == "qwen2":
         qkv_bias, o_bias = True, False
     else:
         qkv_bias = o_bias = bool(_get(hf, "attention_bias", False))
     return ModelConfig(
-        **common,
+        **_common(hf),
         hidden_size=d,
         num_layers=int(hf.num_hidden_layers),
         num_heads=nh,
@@ -188,3 +195,29 @@ def from_hf_config(hf: Any) -> ModelConfig:
         o_bias=o_bias,
         mlp_bias=bool(_get(hf, "mlp_bias", False)),
     )
+
+
+CONVERTERS: dict[str, Callable[[Any], ModelConfig]] = {
+    "gpt2": gpt2_config,
+    "gpt_neox": gpt_neox_config,
+    "llama": llama_config,
+    "mistral": llama_config,
+    "qwen2": llama_config,
+}
+"""HF `model_type` → converter from its `transformers` config; one converter per family."""
+
+SUPPORTED_MODEL_TYPES = tuple(CONVERTERS)
+
+
+def from_hf_config(hf: Any) -> ModelConfig:
+    """Builds a `ModelConfig` from a `transformers.PretrainedConfig` with its family's converter.
+
+    Raises `UnsupportedModelError` naming the model_type or option we do not implement.
+    """
+    mt = _get(hf, "model_type")
+    convert = CONVERTERS.get(mt)
+    if convert is None:
+        raise UnsupportedModelError(
+            f"unknown model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return convert(hf)
