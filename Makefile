@@ -18,8 +18,11 @@ endif
 
 .PHONY: install install-test run test smoke bench venv
 
+# Without Debian's python3-venv (ensurepip), `venv` still works with --without-pip; pip is then
+# bootstrapped from its PyPI wheel.
 $(PYTHON):
-	$(SYSTEM_PYTHON) -m venv $(VENV)
+	$(SYSTEM_PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(SYSTEM_PYTHON) -m venv --without-pip $(VENV) \
+		&& $(VENV)/bin/python tools/bootstrap_pip.py; }
 	$(PIP) install -q --upgrade pip
 
 venv: $(PYTHON)
