@@ -103,8 +103,9 @@ def worker(spec: dict) -> dict:
                                    + f" --xla_force_host_platform_device_count={devices}").strip()
     import jax
 
-    from lmgrad.grads import make_batch_grad_fn, make_mesh, make_sketch_fn, select_params, sharded_sketch_fn
-    from lmgrad.models import flatten_params
+    from lmgrad.grads import make_batch_grad_fn, make_mesh, make_sketch_fn, sharded_sketch_fn
+    from lmgrad.params import select as select_params
+    from lmgrad.params import flatten as flatten_params
     from lmgrad.sketch import make_projector
 
     apply_fn, params, good, bad = _model(spec["seq"], spec["batch"])
@@ -221,7 +222,7 @@ def main() -> None:
     ap.add_argument("--dense_kinds", nargs="+", default=["rademacher", "gaussian"])
     ap.add_argument("--dense_k", type=int, default=1024)
     ap.add_argument("--dense_include", nargs="+", default=["transformer.h.11.attn.c_proj.*"],
-                    help="parameter patterns the dense kinds are measured on (lmgrad.grads.select syntax)")
+                    help="parameter patterns the dense kinds are measured on (lmgrad.params.select syntax)")
     ap.add_argument("--mesh", type=int, default=1,
                     help="N > 1: also run the sjlt points through sharded_sketch_fn on N fake CPU devices")
     ap.add_argument("--quick", action="store_true", help="plain + one sjlt point only")

@@ -196,7 +196,8 @@ def fidelity(args) -> list[dict]:
 
     # Reference: exact per-pair gradient differentials, all parameters, through a large-k sparse JL.
     from lmgrad.grads import make_sketch_fn
-    from lmgrad.models import flatten_params, logits_fn
+    from lmgrad.models import logits_fn
+    from lmgrad.params import flatten as flatten_params
 
     names = sorted(flatten_params(model.params))
     proj = make_projector("sjlt", args.ref_k, 1234)

@@ -106,7 +106,8 @@ def reference(args) -> None:
     import jax.numpy as jnp
 
     from lmgrad.grads import make_sketch_fn
-    from lmgrad.models import flatten_params, logits_fn
+    from lmgrad.models import logits_fn
+    from lmgrad.params import flatten as flatten_params
     from lmgrad.sketch import make_projector
 
     paths = _paths(args)

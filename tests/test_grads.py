@@ -17,7 +17,8 @@ import torch
 import transformers
 
 from lmgrad import grads as lg
-from lmgrad.models import flatten_params, load_model, logits_fn, unflatten_params
+from lmgrad.models import load_model, logits_fn
+from lmgrad.params import flatten as flatten_params, layers, select as select_params, split as split_params, unflatten as unflatten_params
 from lmgrad.scoring import make_score_fn
 from lmgrad.sketch import make_projector
 from lmgrad.tasks.batching import first_difference, iter_pair_batches
@@ -178,7 +179,7 @@ def test_task_mean_equals_mean_of_per_example(gpt2, full_fn):
 
 def test_selection_gives_only_selected_and_equals_full_gradient(gpt2, full_fn):
     names = full_fn.selected
-    sel = lg.select_params(names, ["*.mlp.*"], exclude=lg.layers(0, 0))
+    sel = select_params(names, ["*.mlp.*"], exclude=layers(0, 0))
     assert sel and all(".mlp." in n and n.startswith("transformer.h.1.") for n in sel)
     good, bad = _pairs(3, seed=4)
     (gb, bb), = _batches(good, bad, batch_size=4)
@@ -197,28 +198,23 @@ def test_selection_gives_only_selected_and_equals_full_gradient(gpt2, full_fn):
 def test_select_params_patterns():
     names = [f"model.layers.{i}.{m}.weight" for i in range(10) for m in ("mlp.up_proj", "self_attn.q_proj")]
     names += ["model.embed_tokens.weight", "lm_head.weight"]
-    assert lg.select_params(names, None) == names
-    sel = lg.select_params(names, lg.layers(4, 8))
+    assert select_params(names, None) == names
+    sel = select_params(names, layers(4, 8))
     assert sorted({int(n.split(".")[2]) for n in sel}) == [4, 5, 6, 7, 8] and len(sel) == 10
-    assert lg.select_params(names, "*.mlp.*", exclude=lg.layers(1, 9)) == ["model.layers.0.mlp.up_proj.weight"]
-    assert lg.select_params(names, [r"re:model\.layers\.(1|3)\.self_attn\..*"]) == [
+    assert select_params(names, "*.mlp.*", exclude=layers(1, 9)) == ["model.layers.0.mlp.up_proj.weight"]
+    assert select_params(names, [r"re:model\.layers\.(1|3)\.self_attn\..*"]) == [
         "model.layers.1.self_attn.q_proj.weight", "model.layers.3.self_attn.q_proj.weight"]
-    assert "transformer.h.10.mlp.c_fc.weight" not in lg.select_params(
-        ["transformer.h.1.mlp.c_fc.weight", "transformer.h.10.mlp.c_fc.weight"], lg.layers(1, 1))
-    assert lg.layers(2, 2) == ["transformer.h.2.*", "model.layers.2.*", "gpt_neox.layers.2.*"]
+    assert "transformer.h.10.mlp.c_fc.weight" not in select_params(
+        ["transformer.h.1.mlp.c_fc.weight", "transformer.h.10.mlp.c_fc.weight"], layers(1, 1))
+    assert layers(2, 2) == ["transformer.h.2.*", "model.layers.2.*", "gpt_neox.layers.2.*"]
     with pytest.raises(ValueError, match=r"\*\.nothing\.\*"):
-        lg.select_params(names, ["*.nothing.*"])
+        select_params(names, ["*.nothing.*"])
     with pytest.raises(ValueError, match="exclude"):
-        lg.select_params(names, ["lm_head.*"], exclude=["lm_*"])
+        select_params(names, ["lm_head.*"], exclude=["lm_*"])
     with pytest.raises(ValueError):
-        lg.layers(3, 2)
+        layers(3, 2)
     with pytest.raises(KeyError, match="not.a.param"):
-        lg.split_params({"a": {"b": np.zeros(2)}}, ["not.a.param"])
-    # lmgrad.params is their home; lmgrad.grads.select only re-exports them.
-    from lmgrad import params
-    from lmgrad.grads import select
-
-    assert (select.select_params, select.split_params, select.layers) == (params.select, params.split, params.layers)
+        split_params({"a": {"b": np.zeros(2)}}, ["not.a.param"])
 
 
 def test_chunking_sketch_and_no_recompile(gpt2, full_fn):

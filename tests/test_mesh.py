@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 from lmgrad import grads as lg
 from lmgrad.grads.differential import per_example_core
 from lmgrad.grads.mesh import ShardedRowsFn
-from lmgrad.models import flatten_params, load_model, logits_fn
+from lmgrad.models import load_model, logits_fn
+from lmgrad.params import flatten as flatten_params, layers, select as select_params, split as split_params
 from lmgrad.sketch import make_projector
 from lmgrad.tasks.batching import iter_pair_batches
 
@@ -44,7 +45,7 @@ def apply(gpt2):
 @pytest.fixture(scope="module")
 def names(gpt2):
     # Block 1 only: a shorter backward keeps the compiles of these tests quick.
-    return lg.select_params(flatten_params(gpt2.params), lg.layers(1, 1))
+    return select_params(flatten_params(gpt2.params), layers(1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_trap_replicated_params_sum_across_devices(gpt2, apply, names, fn4):
     ref = lg.per_example_reference(apply, gpt2.params, names, gb, bb)
     core = per_example_core(apply, 2)
     unguarded = ShardedRowsFn(lambda rep, g, b: core(rep[0], rep[1], g, b), mesh, multiple=2)
-    trap = unguarded(lg.split_params(gpt2.params, names), gb, bb)
+    trap = unguarded(split_params(gpt2.params, names), gb, bb)
     good = fn4(gpt2.params, gb, bb)
     for n in names[:3]:
         r8 = np.concatenate([ref[n], np.zeros_like(ref[n][:1])])

@@ -20,7 +20,8 @@ import transformers
 from helpers_tokenizer import tiny_tokenizer
 from lmgrad import store as lstore
 from lmgrad.grads import per_example_reference
-from lmgrad.models import flatten_params, load_model, logits_fn
+from lmgrad.models import load_model, logits_fn
+from lmgrad.params import flatten as flatten_params
 from lmgrad.sketch import make_projector
 from lmgrad.jobs.sketch import SketchOptions, sketch_pairs
 from lmgrad.tasks import encode_pairs, iter_pair_batches, select_tasks
@@ -90,7 +91,9 @@ def test_one_and_four_devices_agree(model, tmp_path, method):
     sketch_pairs(model, tasks, tmp_path / "one", opts, num_devices=1)
     sketch_pairs(model, tasks, tmp_path / "four", opts, num_devices=4)
     a, b = lstore.open(tmp_path / "one"), lstore.open(tmp_path / "four")
-    np.testing.assert_allclose(a.sketches, b.sketches, rtol=1e-5, atol=1e-6)
+    # float32 sums reordered by the batch split: an absolute floor relative to the rows' scale
+    # (entries near zero carry the rounding of their larger neighbours).
+    np.testing.assert_allclose(a.sketches, b.sketches, rtol=1e-5, atol=1e-6 * np.abs(a.sketches).max())
     assert a.meta_records() == b.meta_records()
     assert a.layout == b.layout
     if method == "factored":

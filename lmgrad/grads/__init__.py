@@ -26,12 +26,11 @@ from lmgrad.grads.mesh import (
     sharded_per_example_fn,
     sharded_sketch_fn,
 )
-from lmgrad.grads.select import layers, select_params, split_params
 
 __all__ = [
     "FactoredSketchFn", "FactoredSpec", "factored_reference", "make_factored_sketch_fn",
-    "NonFiniteGradientError", "as_arrays", "check_finite", "layers", "make_batch_grad_fn", "make_mesh",
+    "NonFiniteGradientError", "as_arrays", "check_finite", "make_batch_grad_fn", "make_mesh",
     "make_per_example_fn", "make_sketch_fn", "pair_loss_diff", "param_shardings", "per_example_reference",
-    "ShardedRowsFn", "replicate", "select_params", "sharded_factored_fn", "sharded_per_example_fn", "sharded_sketch_fn", "split_params",
+    "ShardedRowsFn", "replicate", "sharded_factored_fn", "sharded_per_example_fn", "sharded_sketch_fn",
     "task_mean_differential",
 ]

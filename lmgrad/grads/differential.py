@@ -10,7 +10,7 @@ Batches are `lmgrad.tasks.batching.Batch` objects or mappings with `input_ids`,
 row is valid iff its attention mask has a real token. Invalid (padding) rows are run with a
 harmless dummy mask and their outputs are set to exactly zero, so they can never leak NaNs.
 
-Gradients are taken only with respect to the selected parameters (`lmgrad.grads.select`); the
+Gradients are taken only with respect to the selected parameters (patterns over HF names: `lmgrad.params.select`); the
 others are passed as non-differentiated inputs and cost no weight-gradient computation.
 """
 
@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmgrad.grads.select import split_params
-from lmgrad.models.loading import unflatten_params
+from lmgrad.params import split as split_params, unflatten
 from lmgrad.scoring import sequence_logprob
 
 Array = jax.Array
@@ -109,7 +108,7 @@ def pair_loss_diff(apply_fn: ApplyFn, params: Any, good: Any, bad: Any) -> Array
 
 
 def _merged(trainable: Mapping[str, Array], frozen: Mapping[str, Array]) -> Any:
-    return unflatten_params({**frozen, **trainable})
+    return unflatten({**frozen, **trainable})
 
 
 def _example_grad(apply_fn: ApplyFn) -> Callable[..., Grads]:

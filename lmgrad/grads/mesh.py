@@ -38,7 +38,7 @@ from lmgrad.grads.differential import (
     per_example_core,
     as_arrays,
 )
-from lmgrad.grads.select import split_params
+from lmgrad.params import split
 
 DATA = "data"
 FSDP = "fsdp"
@@ -158,7 +158,7 @@ def _exact(apply_fn: ApplyFn, selected: Sequence[str], mesh: Mesh, chunk_size: i
 
     selected = list(selected)
     return _ParamsFn(ShardedRowsFn(body, mesh, multiple=chunk_size or 1),
-                     lambda params: split_params(params, selected))
+                     lambda params: split(params, selected))
 
 
 def sharded_per_example_fn(

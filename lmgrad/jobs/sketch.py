@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 import time
 from typing import Any, Callable, Sequence
 
@@ -19,11 +18,12 @@ import jax
 import numpy as np
 
 from lmgrad import provenance
-from lmgrad.grads import check_finite, make_mesh, select_params, sharded_factored_fn, sharded_sketch_fn
+from lmgrad.grads import check_finite, make_mesh, sharded_factored_fn, sharded_sketch_fn
 from lmgrad.grads.factored import DEFAULT_OVERRIDES, DEFAULT_R_IN, DEFAULT_R_OUT, FactoredSpec, make_factored_sketch_fn
 from lmgrad.jobs.inputs import InputOptions
 from lmgrad.jobs.schema import check_choices, option
-from lmgrad.models.loading import LoadedModel, flatten_params, logits_fn
+from lmgrad.models.loading import LoadedModel, logits_fn
+from lmgrad.params import flatten, select
 from lmgrad.sketch import make_projector
 from lmgrad.store import StoreWriter
 from lmgrad.tasks import Task, degenerate_pairs, encode_pairs, iter_pair_batches, task_provenance
@@ -119,9 +119,9 @@ def build_sketcher(
     `opts` must be resolved (`SketchOptions.resolve`)."""
     if opts.method not in METHODS:
         raise ValueError(f"build_sketcher needs resolved options (method {opts.method!r}); call opts.resolve(model)")
-    names = list(flatten_params(model.params))
-    selected = select_params(names, list(opts.include) or None, list(opts.exclude) or None)
-    shapes = {n: tuple(v.shape) for n, v in flatten_params(model.params).items() if n in selected}
+    flat = flatten(model.params)
+    selected = select(list(flat), list(opts.include) or None, list(opts.exclude) or None)
+    shapes = {n: tuple(flat[n].shape) for n in selected}
     mesh = make_mesh(num_devices)
     selection = {"include": list(opts.include), "exclude": list(opts.exclude), "n_selected": len(selected),
                  "n_params": int(sum(int(np.prod(s)) for s in shapes.values()))}

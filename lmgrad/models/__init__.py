@@ -7,15 +7,13 @@ from lmgrad.models.loading import (
     LoadedModel,
     build_module,
     convert_state_dict,
-    flatten_params,  # = lmgrad.params.flatten, kept while callers outside lmgrad.models switch
     load_model,
     logits_fn,
     param_shapes,
-    unflatten_params,  # = lmgrad.params.unflatten, likewise
 )
 
 __all__ = [
     "DEFAULT_SPEC", "CheckpointError", "LoadedModel", "ModelConfig", "UnsupportedModelError",
-    "build_module", "convert_state_dict", "flatten_params", "from_hf_config", "load_model",
-    "logits_fn", "param_shapes", "unflatten_params",
+    "build_module", "convert_state_dict", "from_hf_config", "load_model",
+    "logits_fn", "param_shapes",
 ]

@@ -17,7 +17,7 @@ import tempfile
 import warnings
 import zipfile
 
-from lmgrad.io import sha256_file  # lmgrad.models.gguf imports it from here too
+from lmgrad.io import sha256_file
 
 DEFAULT_MODEL_SPEC = (
     "SmolLM2-135M-Instruct, 4-bit GGUF (Q4_1 weights, Q8_0 embeddings; Llama architecture, 30 layers, "

@@ -35,8 +35,6 @@ from lmgrad.models.llama import LlamaForCausalLM
 from lmgrad.params import flatten, head_weight, unflatten
 
 # Re-exported for importers outside lmgrad.models until they import lmgrad.params directly.
-flatten_params = flatten
-unflatten_params = unflatten
 
 DEFAULT_SPEC = "smollm2"
 
