@@ -267,7 +267,7 @@ def _check_dir(directory: pathlib.Path, origin: str) -> None:
 
 
 _HOW_TO = (
-    f"either set {BLIMP_DIR_ENV_VAR} (or call lmgrad.tasks.set_blimp_dir, or pass blimp_dir=) "
+    f"either set {BLIMP_DIR_ENV_VAR} (or pass --blimp_dir to a launcher, inputs.blimp_dir in a config, blimp_dir= in Python) "
     "to a directory holding the 67 <UID>.jsonl files, e.g. the data/ "
     "folder of a clone of https://github.com/alexwarstadt/blimp, or leave it unset and allow "
     f"lmgrad to download them into its cache from {BLIMP_BASE_URL}/<UID>.jsonl"
