@@ -226,4 +226,5 @@ def test_token_identical_pairs_are_dropped_and_recorded(model, tmp_path):
     st = lstore.open(tmp_path / "s")
     assert st.complete and list(st.meta["pairID"]) == ["1"]
     assert st.config["loss"]["dropped_token_identical"] == [["case", "0"]]
+    assert [t["n_token_identical_dropped"] for t in st.config["tasks"]] == [1]
     assert np.abs(st.sketches).sum() > 0

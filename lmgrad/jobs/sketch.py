@@ -206,6 +206,8 @@ def sketch_pairs(
     config = store_config(model, tasks, opts, sketcher, bos)
     if same:
         config["loss"]["dropped_token_identical"] = dropped
+        for row in config["tasks"]:  # per task, beside selection's count of identical sentences
+            row["n_token_identical_dropped"] = sum(1 for uid, _ in dropped if uid == row["uid"])
     batches = [gb for i, gb in enumerate(iter_pair_batches(
         good, bad, batch_size=opts.batch_size, score_from_good=sg, score_from_bad=sb, max_len=model.max_length))
         if i % process_count == process_index]
