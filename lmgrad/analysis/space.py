@@ -185,7 +185,8 @@ def parse_param_name(name: str) -> ParamInfo:
     return ParamInfo(name, fields["layer"], module_group(fields))
 
 
-def _group_key(block: Mapping[str, Any], group_by: str) -> str:
+def group_key(block: Mapping[str, Any], group_by: str) -> str:
+    """The group of a layout block under ``group_by`` (``block|layer|module_type``)."""
     if group_by == "block":
         return block["name"]
     if group_by == "layer" and block.get("layer") is not None:
@@ -226,7 +227,7 @@ def group_columns(layout: Sequence[Mapping[str, Any]] | None, k: int, group_by: 
     blocks = normalize_layout(layout, k)
     cols: dict[str, list[np.ndarray]] = {}
     for b in blocks:
-        cols.setdefault(_group_key(b, group_by), []).append(np.arange(b["offset"], b["offset"] + b["size"]))
+        cols.setdefault(group_key(b, group_by), []).append(np.arange(b["offset"], b["offset"] + b["size"]))
     order = sorted(cols, key=lambda g: _group_order(g, list(cols).index(g)))
     return {g: np.concatenate(cols[g]) for g in order}
 

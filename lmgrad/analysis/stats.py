@@ -51,11 +51,27 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def format_p(p: float | None) -> str:
-    """A p-value for a table or sentence: 2 significant digits, "n/a" when missing."""
+def p_floor(n_perm: int | None) -> float | None:
+    """Smallest p a permutation test with ``n_perm`` permutations can return: 1/(n_perm + 1)."""
+    return None if not n_perm else 1.0 / (n_perm + 1)
+
+
+def format_p(p: float | None, n_perm: int | None = None) -> str:
+    """A p-value for a table: 2 significant digits, "n/a" when missing, and "≤ 1/(n_perm+1)"
+    when a permutation p sits at its floor (no permutation reached the observed value, so the
+    true p is only bounded)."""
     if p is None or not np.isfinite(p):
         return "n/a"
+    floor = p_floor(n_perm)
+    if floor is not None and p <= floor * (1 + 1e-9):
+        return f"≤ {floor:.2g}"
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def p_text(p: float | None, n_perm: int | None = None) -> str:
+    """``p = 0.03``, ``p ≤ 0.0005`` at the permutation floor, or ``p n/a``: for sentences."""
+    f = format_p(p, n_perm)
+    return f"p {f}" if f.startswith("≤") else f"p = {f}" if f != "n/a" else "p n/a"
 
 
 def _paired_offdiag(sim: np.ndarray, hyp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +158,7 @@ def mantel(sim: np.ndarray, hyp: np.ndarray, *, n_perm: int = 1000, seed: int = 
     verdict = ("the task space agrees with the hypothesis beyond chance" if pval < ALPHA
                else "no evidence of agreement beyond chance")
     return StatResult(f"mantel_{method}", r, float(pval), len(x),
-                      f"Mantel r={r:.3f}, p={format_p(pval)} ({n_perm} permutations): {verdict}",
+                      f"Mantel r={r:.3f}, {p_text(pval, n_perm)} ({n_perm} permutations): {verdict}",
                       {"n_perm": n_perm, "null_mean": float(null.mean()),
                        "null_sd": float(null.std()), "null_q95": float(np.quantile(null, 0.95))})
 
@@ -186,7 +202,7 @@ def within_between(sim: np.ndarray, categories: Sequence[Any], *, n_perm: int = 
                else "no evidence that same-category tasks are more similar")
     return StatResult("within_between", diff, float(pval), len(x),
                       f"within {w:.3f} vs between {b:.3f} ({ratio_txt}, difference {diff:.3f}, "
-                      f"p={format_p(pval)}): {verdict}",
+                      f"{p_text(pval, n_perm)}): {verdict}",
                       {"within": w, "between": b, "ratio": ratio, "n_within": int(same.sum()),
                        "n_between": int((~same).sum()), "n_perm": n_perm})
 
@@ -239,7 +255,7 @@ def cluster_agreement(sim: np.ndarray, categories: Sequence[Any], *, n_perm: int
                else "clusters do not recover the categories beyond chance")
     return StatResult("cluster_ari", ari, float(pval), len(cats),
                       f"ARI={ari:.3f} with {n_cat} clusters (chance mean {null.mean():.3f}, "
-                      f"95th pct {np.quantile(null, 0.95):.3f}; p={format_p(pval)}): {verdict}",
+                      f"95th pct {np.quantile(null, 0.95):.3f}; {p_text(pval, n_perm)}): {verdict}",
                       {"n_clusters": n_cat, "clusters": clusters.tolist(), "n_perm": n_perm,
                        "null_mean": float(null.mean()),
                        "null_q95": float(np.quantile(null, 0.95))})
