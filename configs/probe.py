@@ -1,0 +1,49 @@
+r"""The probe job: a transfer-based task space of BLiMP on SmolLM2-135M by FTGD.
+
+  python launch/probe.py --config=configs/probe.py --workdir=results/probe
+  python launch/probe.py --config=configs/probe.py:smoke --workdir=runs/probe_smoke --config.inputs.model=DIR
+
+`smoke` shrinks everything (4 tasks, few pairs and steps). Every default lives on
+`lmgrad.jobs.InputOptions` / `lmgrad.jobs.probe.ProbeOptions`; this file states only what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from lmgrad.jobs.inputs import InputOptions
+from lmgrad.jobs.probe import ProbeOptions
+from lmgrad.jobs.schema import to_config
+
+# Two paradigms per linguistics_term (the first two in BLiMP's alphabetical order) for six of the
+# thirteen terms: 12 tasks, about 15 minutes on 2 CPU cores (results/probe/README.md).
+TASKS = ("blimp:adjunct_island,complex_NP_island,"
+         "anaphor_gender_agreement,anaphor_number_agreement,"
+         "determiner_noun_agreement_1,determiner_noun_agreement_2,"
+         "distractor_agreement_relational_noun,distractor_agreement_relative_clause,"
+         "matrix_question_npi_licensor_present,npi_present_1,"
+         "wh_questions_object_gap,wh_questions_subject_gap")
+SMOKE_TASKS = "blimp:anaphor_gender_agreement,anaphor_number_agreement,passive_1,passive_2"
+
+
+def options(arg: str | None = None) -> tuple[InputOptions, ProbeOptions]:
+    inputs = InputOptions(model="smollm2", tasks=TASKS, max_pairs_per_task=16)
+    probe = ProbeOptions(held_out=6, steps=8, batch_size=10, learning_rate=1e-4, task_batch=2,
+                         neutral_sentences=48, n_perm=999, first_order_lrs=(1e-3,))
+    if arg == "smoke":
+        return (dataclasses.replace(inputs, tasks=SMOKE_TASKS, max_pairs_per_task=6),
+                dataclasses.replace(probe, held_out=2, steps=2, batch_size=4, neutral_sentences=8, n_perm=50,
+                                    first_order_lrs=(1e-3,)))
+    if arg not in (None, ""):
+        raise ValueError(f"unknown config variant {arg!r}; known: smoke")
+    return inputs, probe
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    inputs, probe = options(arg)
+    cfg = ml_collections.ConfigDict()
+    cfg.inputs = to_config(inputs)
+    cfg.probe = to_config(probe)
+    return cfg

@@ -1,0 +1,80 @@
+"""The probe stage (lmgrad.jobs.probe, launch/probe.py, configs/probe.py) on a tiny random Llama:
+the smoke config runs end to end and writes what the README promises; tuned parameters are saved
+only when asked; bad input is refused with one line naming the cause."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from helpers_launch import run_launcher
+from helpers_tokenizer import tiny_tokenizer
+from lmgrad.jobs import probe as job
+from lmgrad.models import load_model
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama_probe")
+    tok = tiny_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def smoke_options(ckpt):
+    spec = importlib.util.spec_from_file_location("probe_config", ROOT / "configs" / "probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    inputs, probe = mod.options("smoke")
+    assert mod.get_config("smoke").probe.steps == probe.steps and mod.get_config().inputs.model == "smollm2"
+    return dataclasses.replace(inputs, model=str(ckpt)), probe
+
+
+def test_smoke_job_writes_the_transfer_space(ckpt, tmp_path):
+    inputs, probe = smoke_options(ckpt)
+    probe = dataclasses.replace(probe, save_tuned=True, n_perm=20)
+    res = job.run(inputs, probe, tmp_path, model=load_model(str(ckpt)), progress=False, target="passive_1")
+    for name in ("transfer.npz", "stats.json", "report.md", "transfer.png", "mask_overlap.png", "first_order.png"):
+        assert (tmp_path / name).is_file(), name
+    z = np.load(tmp_path / "transfer.npz")
+    t = len(z["tasks"])
+    assert t == 4 and z["transfer_margin"].shape == (t, t) and z["transfer_accuracy"].shape == (t, t)
+    np.testing.assert_allclose(z["transfer_margin"], z["after_margin"] - z["before_margin"][None])
+    assert z["mask_jaccard"].shape == (t, t) and np.allclose(np.diag(z["mask_jaccard"]), 1.0)
+    assert np.isfinite(z["after_perplexity"]).all() and z["one_step_transfer_margin"].shape == (1, t, t)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["options"]["objective"] == "logistic" and stats["summary"]["failed"] == {}
+    assert "unmasked" in stats["summary"] and stats["stats"]["one_step"][0]["lr"] == 1e-3
+    # The first-order regime: one small SGD step is predicted by ⟨h_j, M_i ⊙ ∇L_i⟩.
+    assert stats["stats"]["one_step"][0]["masked"]["with_diagonal"]["r"] > 0.99
+    assert set(res["ranking"]) >= {"target", "gradient_alignment_masked", "mask_overlap", "measured_margin"}
+    assert "passive_1" not in res["ranking"]["mask_overlap"]
+    report = (tmp_path / "report.md").read_text()
+    assert "objective **logistic**" in report and "Auxiliary-task ranking" in report
+    assert sorted(p.name for p in (tmp_path / "tuned").iterdir()) == sorted(z["tasks"].tolist())
+
+
+def test_launcher_refuses_bad_input(ckpt, tmp_path, capsys):
+    base = [f"--model={ckpt}", "--tasks=blimp:passive_1,passive_2", f"--workdir={tmp_path}"]
+    with pytest.raises(SystemExit) as e:
+        run_launcher("probe", base + ["--top_p=1.5", "--max_pairs_per_task=6"])
+    assert e.value.code == 1 and "top_p must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_launcher("probe", base + ["--max_pairs_per_task=3", "--held_out=4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "too few for a held-out split" in err and "passive_1" in err
