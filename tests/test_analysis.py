@@ -10,7 +10,13 @@ import pytest
 from scipy import stats as sps
 
 from lmgrad import analysis as A
-from lmgrad.analysis.stats import min_attainable_p
+from lmgrad.analysis import estimators as E
+from lmgrad.analysis import geometry as G
+from lmgrad.analysis import precondition as P
+from lmgrad.analysis import task_space as TS
+from lmgrad.analysis.space import task_index
+from lmgrad.analysis.stats import format_p, min_attainable_p, p_text
+from lmgrad.analysis.threads import blas_threads
 
 
 def _planted(t_per_cat=3, n_cat=3, n=20, k=32, noise=1.0, task_noise=0.3, seed=0):
@@ -395,5 +401,121 @@ A.save(res, {str(tmp_path)!r})
 assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
 """
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
-    assert sorted(os.listdir(tmp_path)) == ["heatmap.png", "hypothesis.png", "layers.png",
-                                            "report.md", "stats.json", "task_space.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["coclustering.png", "heatmap.png", "hypothesis.png",
+                                            "layers.png", "report.md", "stats.json",
+                                            "task_space.npz"]
+
+
+# ----------------------------------------------------------------------- the corrected stage
+
+LAYOUT = [{"name": "model.embed_tokens.weight", "offset": 0, "size": 30, "tied": True},
+          {"name": "model.layers.0.input_layernorm.weight", "offset": 30, "size": 5},
+          {"name": "model.layers.0.self_attn.q_proj.weight", "offset": 35, "size": 12},
+          {"name": "model.layers.1.mlp.down_proj.weight", "offset": 47, "size": 9}]
+
+
+def _layered(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4 * n, 56)) * np.repeat([3, 0.5, 1, 2], [30, 5, 12, 9])
+    x += np.repeat(rng.normal(size=(4, 56)), n, 0)
+    return x.astype(np.float32), np.repeat(["a", "b", "c", "d"], n)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_gram_geometries_match_the_row_transforms(reference):
+    """Each geometry's Gram equals the inner products of the transformed rows built by
+    lmgrad.analysis.precondition (equalize, exclude, the float64 preconditioner reference); the
+    reference set has fewer rows (10) than the widest block (30): the Woodbury branch."""
+    x, tasks = _layered()
+    names, idx = task_index(tasks)
+    ref = np.random.default_rng(5).normal(size=(10, 56)) if reference else None
+    gp = G.gram_pass(x, names, idx, LAYOUT, reference=ref, unit_groups=True)
+    x64 = x.astype(np.float64)
+    tol = dict(rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(gp.geometries["euclidean"].gram, x64 @ x64.T, **tol)
+    eq = P.equalize_blocks(x, LAYOUT)
+    np.testing.assert_allclose(gp.geometries["equal_blocks"].gram, eq @ eq.T, **tol)
+    for name, types in (("no_norms", ["norm"]), ("no_embed_head", ["embed", "head"])):
+        kept, _, dropped = P.exclude_blocks(x64, LAYOUT, exclude=types)
+        np.testing.assert_allclose(gp.geometries[name].gram, kept @ kept.T, **tol)
+        assert gp.geometries[name].dropped == dropped
+    assert gp.geometries["no_embed_head"].label == "without embed+head (tied)"
+    want = P.reference_inner(x, x, x if ref is None else ref, LAYOUT, damping=0.1)
+    np.testing.assert_allclose(gp.geometries["preconditioned"].gram, want, rtol=1e-8,
+                               atol=1e-10 * np.abs(want).max())
+    assert list(gp.groups) == ["embed+head (tied)", "layers.0", "layers.1"]
+    for kind in E.KINDS:
+        got = E.similarity_from_moments(gp.groups["layers.0"], kind).sim
+        np.testing.assert_allclose(got, E.task_similarity(x[:, 30:47], tasks, kind).sim,
+                                   atol=1e-10)
+
+
+def test_gram_root_stands_in_for_the_rows():
+    """K > N: analyze runs the estimators on a root of the Gram matrix; the task space, its
+    jackknife interval and split halves equal those computed on the rows themselves."""
+    x, tasks, names, cats, _ = _planted(n=5, k=200, noise=2.0)
+    m = G.moments_from_gram(x.astype(np.float64) @ x.T.astype(np.float64), *task_index(tasks),
+                            unit=True)
+    for kind in E.KINDS:
+        np.testing.assert_allclose(E.similarity_from_moments(m, kind).sim,
+                                   E.task_similarity(x, tasks, kind).sim, atol=1e-10)
+    res = A.analyze(x, tasks, A.categorical(names, cats, "planted"), n_boot=10, n_perm=49,
+                    n_splits=3, robustness=False)
+    ref = E.jackknife(x, tasks)
+    np.testing.assert_allclose(res.similarity, ref.estimate, atol=1e-9)
+    np.testing.assert_allclose(res.interval.low, ref.low, atol=1e-9, equal_nan=True)
+    assert res.reliability.r_half == pytest.approx(E.split_half(x, tasks, n_splits=3).r_half,
+                                                   abs=1e-9)
+    np.testing.assert_allclose(res.alternatives["raw"], A.task_similarity(x, tasks)[1], atol=1e-10)
+    np.testing.assert_allclose(res.pair_cosine, A.pair_cosine_matrix(x, tasks)[2], atol=1e-10)
+
+
+def test_p_values_at_the_floor_are_bounds():
+    assert format_p(1 / 1001, 1000) == "≤ 0.001" and p_text(1 / 1001, 1000) == "p ≤ 0.001"
+    assert format_p(2 / 1001, 1000) == "0.002" and p_text(0.2, 1000) == "p = 0.2"
+    assert format_p(1 / 1001) == "1.0e-03" and format_p(None) == "n/a"
+    sim = A.similarity(np.random.default_rng(0).normal(size=(12, 30)))
+    cats = np.repeat(["x", "y", "z"], 4)
+    hyp = A.categorical([f"t{i}" for i in range(12)], cats, "h").matrix
+    m = A.mantel(sim + 5 * hyp, hyp, n_perm=99)
+    assert m.p_value == pytest.approx(0.01) and "p ≤ 0.01" in m.interpretation
+
+
+def test_undefined_task_is_named_and_left_out_of_the_tests(tmp_path):
+    x, tasks, names, cats, _ = _planted(t_per_cat=3, n_cat=3, n=8, k=32)
+    v = np.random.default_rng(1).normal(size=32)
+    bad = tasks == names[4]
+    x[np.flatnonzero(bad)] = np.array([v, -v] * 4)  # ⟨xₐ, x_b⟩ sums to −‖v‖² · 4: ‖μ‖² < 0
+    res = A.analyze(x, tasks, A.categorical(names, cats, "planted"), n_boot=10, n_perm=99,
+                    n_splits=3)
+    assert res.undefined == [str(names[4])] and "below the noise" in \
+        res.undefined_notes[str(names[4])]
+    assert np.isnan(res.similarity[4]).all() and np.isfinite(res.alternatives["raw"][4]).all()
+    assert res.stats["mantel"].n == 28  # 8 defined tasks
+    assert all(str(names[4]) in row.undefined for row in res.robustness if row.available)
+    text = open(A.save(res, str(tmp_path))["report"]).read()
+    warn = text[text.index("## Warnings"):text.index("## Robustness")]
+    assert str(names[4]) in warn and "left out of every test" in warn
+    assert f"| {names[4]} | 8 |" in text and "undefined: ‖μ‖² estimate" in text
+
+
+def test_surface_from_meta():
+    labels = np.array(["a", "a", "b", "b", "c", "c"])
+    meta = {"sentence_good": np.array(["the cat sleeps", "a cat eats", "who did you see",
+                                       "what did you buy", "dogs bark", "the dogs bark"]),
+            "sentence_bad": np.array(["the cat sleep", "a cat eat", "who you did see",
+                                      "what you did buy", "dogs barks", "the dogs barks"]),
+            "n_tokens_good": np.array([4, 4, 5, 5, 3, 4]), "n_tokens_bad": np.array([4, 4, 5, 5, 3, 4])}
+    sp, note = TS.surface_from_meta(meta, labels)
+    assert set(sp.spaces) == {"diff_words", "bow", "length", "length_tokens"}
+    assert "diff_words undefined for b" in note  # reorderings change no word
+    np.testing.assert_allclose(sp.spaces["length_tokens"][0], [0, -1, -0.5])
+    assert TS.surface_from_meta({"UID": labels}, labels) == (None, TS.NO_SENTENCES)
+
+
+def test_blas_threads_restores_the_setting():
+    with blas_threads(1):
+        a = np.linalg.cholesky(np.eye(50) * 2.0)
+    assert a[0, 0] == pytest.approx(np.sqrt(2.0))
+    with blas_threads(None):
+        pass
