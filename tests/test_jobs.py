@@ -99,7 +99,7 @@ def test_schema_round_trips_and_names_bad_fields():
         from_dict(PipelineOptions, {"sketch": {"kk": 3}})
     with pytest.raises(ValueError, match=r"PipelineOptions\.sketch\.batch_size: expected an integer"):
         from_dict(PipelineOptions, {"sketch": {"batch_size": "16"}})
-    with pytest.raises(ValueError, match=r"similarity='dot'; valid: cosine, pearson"):
+    with pytest.raises(ValueError, match=r"similarity='dot'; valid: unbiased, raw, pair"):
         TaskSpaceOptions(similarity="dot")
     with pytest.raises(ValueError, match="check_seed"):
         PipelineOptions(check_seed=0)
