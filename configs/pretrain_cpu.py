@@ -29,7 +29,7 @@ CORPORA = ("openstax_ccby.txt.gz", "wiki_vital_summaries.txt.gz")
 SIZES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192),       # 0.37M
     "small": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),     # 1.38M
-    "medium": dict(hidden_size=256, num_layers=6, num_heads=4, intermediate_size=768),    # 6.16M
+    "medium": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=768),    # 4.46M
 }
 SMOKE_TASKS = "blimp:anaphor_gender_agreement,determiner_noun_agreement_1,regular_plural_subject_verb_agreement_1,wh_island"
 
@@ -47,8 +47,8 @@ def options(arg: str | None = None) -> PretrainOptions:
     family = family or "llama"
     base = PretrainOptions(
         corpus=corpus_paths(), data_dir=os.environ.get("LMGRAD_PRETRAIN_DATA", "runs/pretrain/data"),
-        vocab_size=4096, family=family, seq_len=128, batch_size=32, steps=4000, lr=2e-3, warmup_steps=200,
-        checkpoint_every=500, resume_every=100, blimp_pairs_per_task=20,
+        vocab_size=4096, family=family, seq_len=128, batch_size=16, steps=2000, lr=2e-3, warmup_steps=100,
+        checkpoint_every=250, resume_every=50, blimp_pairs_per_task=20,
     )
     if size == "smoke":
         return dataclasses.replace(base, **SIZES["tiny"], data_dir="", max_corpus_bytes=2_000_000, steps=30,

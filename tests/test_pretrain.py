@@ -216,11 +216,12 @@ def test_launcher_and_configs(corpus, tmp_path, llama_run, capsys):
         with pytest.raises(ValueError, match="variant"):
             mod.get_config("no_such_variant")
 
+    # The fixture's options as flags (so the compiled step is reused), stopped after step 2.
     opts = llama_run[0]
     argv = [f"--corpus={corpus}", f"--data_dir={opts.data_dir}", "--vocab_size=384", "--hidden_size=32",
             "--num_layers=2", "--num_heads=2", "--intermediate_size=64", "--seq_len=48", "--batch_size=8",
-            "--steps=2", "--lr=0.01", "--warmup_steps=1", "--val_fraction=0.05", "--val_sequences=16",
-            "--blimp_tasks=", "--noprogress", f"--workdir={tmp_path / 'run'}"]
+            f"--steps={STEPS}", "--lr=0.01", "--warmup_steps=2", "--val_fraction=0.05", "--val_sequences=16",
+            "--blimp_tasks=", "--max_steps=2", "--noprogress", f"--workdir={tmp_path / 'run'}"]
     run_launcher("pretrain", argv)
     assert "pretrained" in capsys.readouterr().out
     assert (tmp_path / "run" / "hf" / "step_000002" / "config.json").exists()
