@@ -101,7 +101,7 @@ def test_one_and_four_devices_agree(model, tmp_path, method):
         # with the exact gradient's projection is tests/test_factored.py's business).
         from lmgrad.grads.factored import FactoredSpec, make_factored_sketch_fn
 
-        fn = make_factored_sketch_fn(model, FactoredSpec(seed=1, r_in=4, r_out=3))
+        fn = make_factored_sketch_fn(model, FactoredSpec(seed=1, r_in=4, r_out=3, overrides=()))
         pairs = [p for t in tasks for p in t.pairs]
         good, bad, sg, sb = encode_pairs(model.tokenizer, pairs)
         expect = {}
