@@ -426,7 +426,13 @@ def hypothesis_tests(opts: ProbeOptions, tasks: Sequence[Task], uids: list[str],
     controls = {n: np.nan_to_num(m[np.ix_(order, order)], nan=0.0) for n, m in surf.spaces.items()}
     out: dict[str, Any] = {"hypothesis": opts.hypothesis, "controls": sorted(controls),
                            "n_categories": len(set(cats)), "spaces": {}}
+    off = ~np.eye(len(uids), dtype=bool)
     for name, sp in spaces.items():
+        vals = sp[off][np.isfinite(sp[off])]
+        if vals.size == 0 or np.ptp(vals) == 0:
+            out["spaces"][name] = {"skipped": "constant off the diagonal (no task changed another's metric)",
+                                   "within": None, "between": None}
+            continue
         entry: dict[str, Any] = {"mantel": mantel(sp, hyp.matrix, n_perm=opts.n_perm, seed=opts.resample_seed).as_dict()}
         try:
             entry["mrqap"] = mrqap(sp, [hyp.matrix, *controls.values()], n_perm=opts.n_perm, seed=opts.resample_seed,
@@ -567,6 +573,9 @@ def report(result: dict[str, Any], uids: list[str]) -> str:
                   f"{', '.join(hy['controls'])}.", "",
                   "| space | within | between | Mantel r (p) | MRQAP t (p) beyond surface |", "|---|---|---|---|---|"]
         for k, v in hy["spaces"].items():
+            if "skipped" in v:
+                lines.append(f"| {k} | n/a | n/a | {v['skipped']} | |")
+                continue
             mq = v["mrqap"]
             mq_s = mq.get("skipped") or f"{_f(mq['statistic'], '.2f')} ({mq['p_text']})"
             lines.append(f"| {k} | {_f(v['within'])} | {_f(v['between'])} | {_f(v['mantel']['statistic'])} "
