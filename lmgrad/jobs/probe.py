@@ -24,7 +24,6 @@ import pathlib
 import time
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from lmgrad import io as lio
