@@ -27,9 +27,9 @@ from lmgrad.jobs.schema import to_config
 
 CORPORA = ("openstax_ccby.txt.gz", "wiki_vital_summaries.txt.gz")
 SIZES = {
-    "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192),       # 0.37M
+    "tiny": dict(hidden_size=48, num_layers=2, num_heads=2, intermediate_size=144),       # 0.25M
     "small": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),     # 1.38M
-    "medium": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=768),    # 4.46M
+    "medium": dict(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=576),    # 2.66M
 }
 SMOKE_TASKS = "blimp:anaphor_gender_agreement,determiner_noun_agreement_1,regular_plural_subject_verb_agreement_1,wh_island"
 
@@ -47,7 +47,7 @@ def options(arg: str | None = None) -> PretrainOptions:
     family = family or "llama"
     base = PretrainOptions(
         corpus=corpus_paths(), data_dir=os.environ.get("LMGRAD_PRETRAIN_DATA", "runs/pretrain/data"),
-        vocab_size=4096, family=family, seq_len=128, batch_size=16, steps=2000, lr=2e-3, warmup_steps=100,
+        vocab_size=4096, family=family, seq_len=128, batch_size=16, steps=1500, lr=2e-3, warmup_steps=100,
         checkpoint_every=250, resume_every=50, blimp_pairs_per_task=20,
     )
     if size == "smoke":

@@ -26,6 +26,7 @@ run ends with the same parameters, bit for bit, as an uninterrupted one on the s
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -346,7 +347,8 @@ def _run(options: PretrainOptions, workdir: str | os.PathLike, *, max_steps: int
     train_rows = [r for r in _read_jsonl(workdir / TRAIN_LOG) if r["step"] <= start]
     stop = options.steps if max_steps is None else min(max_steps, options.steps)
     params, opt_state = state["params"], state["opt_state"]
-    losses: list[float] = []
+    # Device scalars, read only when logged: no host sync per step on an accelerator.
+    losses: collections.deque[Any] = collections.deque(maxlen=options.log_every)
     t_train = time.perf_counter()
     eval_before = eval_s[0]
     with tqdm(total=options.steps, initial=start, unit="step", desc=f"pretrain {options.family} "
@@ -355,16 +357,16 @@ def _run(options: PretrainOptions, workdir: str | os.PathLike, *, max_steps: int
             windows = jnp.asarray(data.batch(options.data_seed, step, options.batch_size))
             params, opt_state, loss, gnorm = train_step(params, opt_state, windows)
             s = step + 1
-            losses.append(float(loss))
+            losses.append(loss)
             bar.update(1)
             if s % options.log_every == 0 or s in save_set:
-                mean = float(np.mean(losses[-options.log_every:]))
+                mean = float(np.mean([float(x) for x in losses]))
                 train_rows.append({"step": s, "loss": float(loss), "loss_mean": mean, "grad_norm": float(gnorm)})
                 lio.write_jsonl(workdir / TRAIN_LOG, train_rows)
                 bar.set_postfix(loss=f"{mean:.3f}")
             if s in save_set:
                 ckpts.save(s, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-                row = evaluate_step(s, params, float(np.mean(losses[-options.log_every:])))
+                row = evaluate_step(s, params, mean)
                 record(row)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_ppl=f"{row['val_ppl']:.1f}",
                                 blimp=f"{row.get('blimp_accuracy', float('nan')):.3f}")

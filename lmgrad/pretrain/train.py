@@ -28,7 +28,9 @@ def optimizer(lr: float, warmup_steps: int, steps: int, *, min_lr_ratio: float =
               b1: float = 0.9, b2: float = 0.95, clip_norm: float = 1.0) -> optax.GradientTransformation:
     """AdamW with warmup + cosine decay; decay only on matrices (ndim ≥ 2)."""
     sched = schedule(lr, warmup_steps, steps, min_lr_ratio)
-    adamw = optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay,
+    # Update i (0-based) takes sched(i + 1): the first update is not a zero-learning-rate no-op,
+    # and the rate logged for checkpoint step s is sched(s), the one that produced it.
+    adamw = optax.adamw(lambda count: sched(count + 1), b1=b1, b2=b2, weight_decay=weight_decay,
                         mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
     return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm > 0 else adamw
 
