@@ -1,4 +1,4 @@
-r"""A local checkpoint series on CPU: three Llama-style sizes (0.37M, 1.4M, 6.2M parameters, 17×
+r"""A local checkpoint series on CPU: three Llama-style sizes (0.26M, 1.4M, 2.7M parameters, 10.5×
 apart; vocabulary 4,096, tied embeddings) on modern English (OpenStax + Wikipedia summaries).
 
   export LMGRAD_CORPORA_DIR=/path/to/shared/data/corpora     # or pass --config.corpus
@@ -10,9 +10,10 @@ apart; vocabulary 4,096, tied embeddings) on modern English (OpenStax + Wikipedi
 
 The sizes of a series share one tokenizer and token file (`data_dir`, default
 $LMGRAD_PRETRAIN_DATA or runs/pretrain/data) and see the same tokens in the same order. Every size
-trains for the same number of tokens (`steps` × 32 × 128); `bench/README.md` or the README gives the
-measured time per size. `smoke` trains a tiny model for 30 steps on the first 2 MB of the corpora,
-scoring 4 BLiMP paradigms: about a minute.
+trains on the same 3.1M tokens (1,500 steps × 16 × 128), with checkpoints at 0, 1, 2, 4, …, 1024,
+every 250 steps and the last, each scored on BLiMP (67 × 20 pairs); the README gives the measured
+time per size. `smoke` trains the tiny size for 30 steps on the first 2 MB of each corpus, scoring
+4 BLiMP paradigms.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from lmgrad.jobs.schema import to_config
 
 CORPORA = ("openstax_ccby.txt.gz", "wiki_vital_summaries.txt.gz")
 SIZES = {
-    "tiny": dict(hidden_size=48, num_layers=2, num_heads=2, intermediate_size=144),       # 0.25M
+    "tiny": dict(hidden_size=48, num_layers=2, num_heads=2, intermediate_size=144),       # 0.26M
     "small": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),     # 1.38M
-    "medium": dict(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=576),    # 2.66M
+    "medium": dict(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=576),    # 2.71M
 }
 SMOKE_TASKS = "blimp:anaphor_gender_agreement,determiner_noun_agreement_1,regular_plural_subject_verb_agreement_1,wh_island"
 
