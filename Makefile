@@ -15,6 +15,10 @@ SHARED_BLIMP := $(abspath ../shared/data/blimp)
 ifneq ($(wildcard $(SHARED_BLIMP)/*.jsonl),)
 export LMGRAD_BLIMP_DIR ?= $(SHARED_BLIMP)
 endif
+SHARED_CORPORA := $(abspath ../shared/data/corpora)
+ifneq ($(wildcard $(SHARED_CORPORA)),)
+export LMGRAD_CORPORA_DIR ?= $(SHARED_CORPORA)
+endif
 
 .PHONY: install install-test run test smoke bench venv
 

@@ -14,7 +14,7 @@ import dataclasses
 import ml_collections
 
 from lmgrad.jobs.inputs import InputOptions
-from lmgrad.jobs.probe import ProbeOptions
+from lmgrad.jobs.probe import ProbeJobOptions, ProbeOptions
 from lmgrad.jobs.schema import to_config
 
 # Two paradigms per linguistics_term (the first two in BLiMP's alphabetical order) for six of the
@@ -28,22 +28,19 @@ TASKS = ("blimp:adjunct_island,complex_NP_island,"
 SMOKE_TASKS = "blimp:anaphor_gender_agreement,anaphor_number_agreement,passive_1,passive_2"
 
 
-def options(arg: str | None = None) -> tuple[InputOptions, ProbeOptions]:
+def options(arg: str | None = None) -> ProbeJobOptions:
     inputs = InputOptions(model="smollm2", tasks=TASKS, max_pairs_per_task=16)
     probe = ProbeOptions(held_out=6, steps=8, batch_size=10, learning_rate=1e-4, task_batch=2,
                          neutral_sentences=48, n_perm=999, first_order_lrs=(1e-3,))
     if arg == "smoke":
-        return (dataclasses.replace(inputs, tasks=SMOKE_TASKS, max_pairs_per_task=6),
-                dataclasses.replace(probe, held_out=2, steps=2, batch_size=4, neutral_sentences=8, n_perm=50,
-                                    first_order_lrs=(1e-3,)))
+        return ProbeJobOptions(
+            dataclasses.replace(inputs, tasks=SMOKE_TASKS, max_pairs_per_task=6),
+            dataclasses.replace(probe, held_out=2, steps=2, batch_size=4, neutral_sentences=8, n_perm=50,
+                                first_order_lrs=(1e-3,)))
     if arg not in (None, ""):
         raise ValueError(f"unknown config variant {arg!r}; known: smoke")
-    return inputs, probe
+    return ProbeJobOptions(inputs, probe)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    inputs, probe = options(arg)
-    cfg = ml_collections.ConfigDict()
-    cfg.inputs = to_config(inputs)
-    cfg.probe = to_config(probe)
-    return cfg
+    return to_config(options(arg))

@@ -35,8 +35,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is not None:
-        cfg = FLAGS.config.to_dict()
-        inputs, options = from_dict(InputOptions, cfg["inputs"]), from_dict(job.ProbeOptions, cfg["probe"])
+        cfg = from_dict(job.ProbeJobOptions, FLAGS.config.to_dict())
+        inputs, options = cfg.inputs, cfg.probe
     else:
         inputs, options = from_flags(InputOptions), from_flags(job.ProbeOptions)
     result = job.run(inputs, options, FLAGS.workdir, target=FLAGS.target)

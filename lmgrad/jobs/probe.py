@@ -29,7 +29,7 @@ import numpy as np
 from lmgrad import io as lio
 from lmgrad import provenance
 from lmgrad.jobs.inputs import InputOptions
-from lmgrad.jobs.schema import check_choices, option, to_dict
+from lmgrad.jobs.schema import check_choices, nested, option, to_dict
 from lmgrad.models.loading import LoadedModel, logits_fn
 from lmgrad.params import flatten, select as select_params, split as split_params
 from lmgrad.tasks import Task, encode
@@ -134,6 +134,14 @@ def neutral_texts(opts: ProbeOptions, tasks: Sequence[Task], held: dict[str, lis
             return sample(texts), "acceptable sentences of BLiMP paradigms not tuned on: " + \
                 ", ".join(others[i] for i in pick)
     return sample([p.sentence_good for ps in held.values() for p in ps]), "held-out acceptable sentences"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeJobOptions:
+    """What a probe config file holds: the inputs and the probe options."""
+
+    inputs: InputOptions = nested(InputOptions, "Model and pair sample.")
+    probe: ProbeOptions = nested(ProbeOptions, "FTGD tuning and the transfer analysis.")
 
 
 def _sym(m: np.ndarray) -> np.ndarray:
