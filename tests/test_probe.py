@@ -40,7 +40,8 @@ def smoke_options(ckpt):
     spec = importlib.util.spec_from_file_location("probe_config", ROOT / "configs" / "probe.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    inputs, probe = mod.options("smoke")
+    opts = mod.options("smoke")
+    inputs, probe = opts.inputs, opts.probe
     assert mod.get_config("smoke").probe.steps == probe.steps and mod.get_config().inputs.model == "smollm2"
     return dataclasses.replace(inputs, model=str(ckpt)), probe
 
