@@ -26,7 +26,6 @@ import numpy as np
 
 from lmgrad import io as lio
 from lmgrad.models.config import ModelConfig, from_hf_config
-from lmgrad.models.loading import build_module
 from lmgrad.params import flatten
 
 FAMILIES = ("llama", "gpt_neox")
