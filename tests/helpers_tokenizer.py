@@ -53,3 +53,19 @@ def tiny_tokenizer(*, bos: bool = True, eos: bool = True, vocab_size: int = 512)
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained_json(vocab_size)), **kwargs
     )
+
+
+def save_tiny_llama(path, *, num_hidden_layers: int = 1) -> None:
+    """A seeded random tiny Llama (GQA 4/2 heads, d=32) with `tiny_tokenizer()`, saved to `path`
+    as a Hugging Face directory (config.json, safetensors, tokenizer)."""
+    import torch
+    import transformers
+
+    tok = tiny_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=num_hidden_layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)

@@ -11,11 +11,9 @@ import pathlib
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from helpers_launch import run_launcher
-from helpers_tokenizer import tiny_tokenizer
+from helpers_tokenizer import save_tiny_llama
 from lmgrad.jobs import probe as job
 from lmgrad.models import load_model
 
@@ -25,14 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama_probe")
-    tok = tiny_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_llama(path, num_hidden_layers=1)
     return path
 
 

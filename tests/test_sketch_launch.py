@@ -14,10 +14,8 @@ import time
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 
-from helpers_tokenizer import tiny_tokenizer
+from helpers_tokenizer import save_tiny_llama, tiny_tokenizer
 from lmgrad import store as lstore
 from lmgrad.grads import per_example_reference
 from lmgrad.models import load_model, logits_fn
@@ -33,14 +31,7 @@ TASKS = "blimp:anaphor_gender_agreement,passive_1,wh_island"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
-    tok = tiny_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_llama(path, num_hidden_layers=2)
     return path
 
 

@@ -11,10 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
-from helpers_tokenizer import tiny_tokenizer
+from helpers_tokenizer import save_tiny_llama
 from lmgrad.models import load_model, logits_fn
 from lmgrad.params import flatten, split as split_params
 from lmgrad.tasks import select_tasks
@@ -30,14 +28,7 @@ UIDS = ("anaphor_gender_agreement", "passive_1", "wh_island")
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama_transfer")
-    tok = tiny_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_llama(path, num_hidden_layers=1)
     return load_model(str(path))
 
 
