@@ -1,8 +1,8 @@
 r"""Trains a Llama- or GPT-NeoX-style model from scratch on text corpora: a local checkpoint series,
 every saved step a Hugging Face directory (lmgrad.jobs.pretrain).
 
-  python launch/pretrain.py --config=configs/pretrain_cpu.py:small --workdir=runs/pretrain/small
-  python launch/pretrain.py --config=configs/pretrain_cpu.py:small --config.steps=8000 --workdir=...
+  python launch/pretrain.py --config=configs/pretrain.py:cpu_m --workdir=runs/pretrain/small
+  python launch/pretrain.py --config=configs/pretrain.py:cpu_m --config.steps=8000 --workdir=...
   python launch/pretrain.py --corpus=/data/a.txt.gz,/data/b.txt --family=gpt_neox --hidden_size=64 \
       --num_layers=2 --steps=500 --workdir=runs/pretrain/mine          # options as flags, no config
 
@@ -24,7 +24,7 @@ from lmgrad.jobs.schema import define_flags, from_dict, from_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pretrain config (get_config(arg) file), e.g. "
-                                "configs/pretrain_cpu.py:small; instead of the per-field flags.")
+                                "configs/pretrain.py:cpu_m; instead of the per-field flags.")
 OPTION_FLAGS = define_flags(job.PretrainOptions)
 flags.DEFINE_integer("max_steps", None, "Stop after this global step without saving (testing a resume).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")

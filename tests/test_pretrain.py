@@ -205,16 +205,16 @@ def test_launcher_and_configs(corpus, tmp_path, llama_run, capsys):
 
     from lmgrad.jobs.schema import from_dict
 
-    cpu, gpu = load("pretrain_cpu"), load("pretrain_gpu")
-    n_cpu = [from_dict(PretrainOptions, cpu.get_config(s).to_dict()).num_params() for s in ("tiny", "small", "medium")]
+    cfg = load("pretrain")
+    n_cpu = [from_dict(PretrainOptions, cfg.get_config(s).to_dict()).num_params() for s in ("cpu_s", "cpu_m", "cpu_l")]
     assert n_cpu[2] >= 8 * n_cpu[0]
-    n_gpu = [from_dict(PretrainOptions, gpu.get_config(s).to_dict()).num_params() for s in ("27m", "70m", "203m")]
+    n_gpu = [from_dict(PretrainOptions, cfg.get_config(s).to_dict()).num_params() for s in ("gpu_27m", "gpu_70m", "gpu_203m")]
     assert np.allclose(n_gpu, [27e6, 70e6, 203e6], rtol=0.02)
-    for mod in (cpu, gpu):
-        for arg in (None, "smoke", "smoke,gpt_neox"):
-            from_dict(PretrainOptions, mod.get_config(arg).to_dict())
+    for arg in (None, "tiny", "smoke", "smoke,gpt_neox", "cpu_l,gpt_neox", "gpu_27m"):
+        from_dict(PretrainOptions, cfg.get_config(arg).to_dict())
+    for bad in ("no_such_variant", "cpu_s,mamba"):
         with pytest.raises(ValueError, match="variant"):
-            mod.get_config("no_such_variant")
+            cfg.get_config(bad)
 
     # The fixture's options as flags (so the compiled step is reused), stopped after step 2.
     opts = llama_run[0]
