@@ -10,15 +10,14 @@ from lmgrad.analysis.stats import (StatResult, adjusted_rand_index, cluster_agre
                                    compare_task_spaces, mantel, offdiag_correlation,
                                    within_between)
 from lmgrad.analysis.task_space import analyze, save, stats_dict
-from lmgrad.analysis.uncertainty import (BootstrapResult, Reliability, bootstrap_similarity,
-                                         offdiag, split_half_reliability)
+from lmgrad.analysis.uncertainty import Reliability, offdiag
 
 __all__ = [
-    "BootstrapResult", "Hypothesis", "ParamInfo", "Reliability", "StatResult", "TaskSpaceResult",
-    "adjusted_rand_index", "analyze", "block_similarities", "bootstrap_similarity", "categorical",
+    "Hypothesis", "ParamInfo", "Reliability", "StatResult", "TaskSpaceResult",
+    "adjusted_rand_index", "analyze", "block_similarities", "categorical",
     "check_sketches", "cluster_agreement", "coherence", "compare_task_spaces", "group_columns",
     "hypothesis_matrix", "load_hypothesis", "mantel", "offdiag", "offdiag_correlation",
     "pair_cosine_matrix", "pair_cosine_samples", "parse_param_name", "provenance_from_manifest",
-    "resolve_hypothesis", "save", "similarity", "split_half_reliability", "stats_dict",
+    "resolve_hypothesis", "save", "similarity", "stats_dict",
     "task_means", "task_similarity", "taxonomy_from_meta", "within_between",
 ]
