@@ -54,7 +54,10 @@ def cpu_model() -> str:
 
 
 def command() -> str:
-    """The command line that ran this bench, as one would retype it from the repository root."""
+    """The command line that ran this bench, as one would retype it from the repository root
+    (``python -m bench run ...`` when the entry point started it)."""
+    if os.environ.get("LMGRAD_BENCH_COMMAND"):
+        return os.environ["LMGRAD_BENCH_COMMAND"]
     return " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
@@ -72,7 +75,8 @@ def run_meta(**extra: Any) -> dict[str, Any]:
             "commit": info["git_commit"], "command": command(), "host": info["host"],
             "lmgrad": lmgrad.__version__, "jax": info["jax_version"], "backend": info["backend"],
             "device": str(dev.device_kind), "n_devices": len(info["devices"]),
-            "cpu": cpu_model(), "cores": usable_cores(), "loadavg": loadavg(), **extra}
+            "cpu": cpu_model(), "cores": usable_cores(), "loadavg": loadavg(),
+            "suite": os.environ.get("LMGRAD_BENCH_SUITE"), **extra}
 
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:

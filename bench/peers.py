@@ -99,7 +99,7 @@ class TorchHookSketch:
             raise ValueError(f"TorchHookSketch: no torch module for lmgrad blocks {sorted(missing)}")
         if any(e["role"] != "weight" for e in self.layout):
             raise ValueError("TorchHookSketch: sketches weight matrices only (use handle_vectors='exclude')")
-        self._handles = [mods[n].register_forward_hook(self._forward_hook(n)) for n in self.hooked]
+        self._mods = mods
         self._state: dict[str, Any] = {}
 
     def _forward_hook(self, name: str):
@@ -137,17 +137,19 @@ class TorchHookSketch:
         ids, am, tm, sign = _batch(good, bad)
         tok = ((am > 0) & (sign != 0)[:, None]).float()[..., None]
         self._state = {"tok": tok, "blocks": {}}
-        with torch.enable_grad():
-            logits = self.model(input_ids=ids, attention_mask=am, position_ids=_positions(ids)).logits
-            (sign * _nll(logits, ids, tm)).sum().backward()
+        # Hooks live for this call only: the same torch model serves other methods in a bench process.
+        handles = [self._mods[n].register_forward_hook(self._forward_hook(n)) for n in self.hooked]
+        try:
+            with torch.enable_grad():
+                logits = self.model(input_ids=ids, attention_mask=am, position_ids=_positions(ids)).logits
+                (sign * _nll(logits, ids, tm)).sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
         blocks = self._state["blocks"]
         self._state = {}
         n = ids.shape[0] // 2
         return torch.cat([blocks[e["module"]].reshape(n, -1) for e in self.layout], 1).numpy()
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 class TorchVmapSketch:
@@ -172,10 +174,13 @@ class TorchVmapSketch:
             raise ValueError(f"TorchVmapSketch: parameters not in the torch model: {missing}")
         self.params = {k: v.detach() for k, v in params.items()}
         self.chunk = chunk
+        self._masked = True
 
         def nll(p, ids, am, tm):
-            out = functional_call(model, p, (), {"input_ids": ids[None], "attention_mask": am[None],
-                                                 "position_ids": torch.arange(ids.shape[0])[None]})
+            kw = {"input_ids": ids[None], "position_ids": torch.arange(ids.shape[0])[None]}
+            if self._masked:  # transformers' sdpa mask helper branches on the mask's values, which vmap refuses
+                kw["attention_mask"] = am[None]
+            out = functional_call(model, p, (), kw)
             return _nll(out.logits, ids[None], tm[None])[0]
 
         def diff(w, rest, gi, ga, gt, bi, ba, bt):
@@ -198,6 +203,8 @@ class TorchVmapSketch:
         rest = {k: v for k, v in self.params.items() if k not in w}
         out = np.zeros((n, sum(e["size"] for e in self.layout)), np.float32)
         rows = np.flatnonzero(valid)
+        # Without padding the mask is all ones and is left out (as transformers does for None).
+        self._masked = not all(bool((t["attention_mask"][torch.as_tensor(rows)] > 0).all()) for t in (g, b))
         step = self.chunk or max(len(rows), 1)
         for s in range(0, len(rows), step):
             i = torch.as_tensor(rows[s: s + step])
