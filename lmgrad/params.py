@@ -36,10 +36,11 @@ class Family:
     """How one model family names its parameters.
 
     Attributes:
-      name: the family (`ModelConfig.family`): gpt2, gpt_neox, llama (also mistral, qwen2).
+      name: the family's naming scheme: gpt2, gpt_neox, llama (also mistral, qwen2, and gemma3,
+        whose names are Llama's plus a few more modules).
       stack: prefix of the transformer blocks; block i's modules are ``f"{stack}.{i}.<module>"``.
       top: module path outside the stack → type (embeddings, final norm, head).
-      block: first component of a module path inside a block → type.
+      block: module path inside a block, or its first component → type (the longest match wins).
     """
 
     name: str
@@ -53,14 +54,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("gpt2", "transformer.h",
            {"transformer.wte": "embed", "transformer.wpe": "embed", "transformer.ln_f": "norm", "lm_head": "head"},
            {"attn": "attn", "mlp": "mlp", "ln_1": "norm", "ln_2": "norm"}),
+    # Gemma-3 names its parameters like Llama plus two sandwich norms and QK-norms.
     Family("llama", "model.layers",
            {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "head"},
-           {"self_attn": "attn", "mlp": "mlp", "input_layernorm": "norm", "post_attention_layernorm": "norm"}),
+           {"self_attn": "attn", "mlp": "mlp", "input_layernorm": "norm", "post_attention_layernorm": "norm",
+            "pre_feedforward_layernorm": "norm", "post_feedforward_layernorm": "norm",
+            "self_attn.q_norm": "norm", "self_attn.k_norm": "norm"}),
     Family("gpt_neox", "gpt_neox.layers",
            {"gpt_neox.embed_in": "embed", "gpt_neox.final_layer_norm": "norm", "embed_out": "head"},
            {"attention": "attn", "mlp": "mlp", "input_layernorm": "norm", "post_attention_layernorm": "norm"}),
 )}
-_ALIASES = {"mistral": "llama", "qwen2": "llama"}
+_ALIASES = {"mistral": "llama", "qwen2": "llama", "gemma3": "llama", "gemma3_text": "llama"}
 
 # Names outside the three families (other checkpoints, hand-made layouts): a generic reading.
 _GENERIC_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
@@ -237,10 +241,17 @@ def param_info(name: str, family: str | None = None) -> ParamInfo:
         if module.startswith(prefix):
             index, _, local = module[len(prefix):].partition(".")
             if index.isdigit():
-                return ParamInfo(name, fam.name, int(index), module, fam.block.get(local.split(".")[0], "other"))
+                return ParamInfo(name, fam.name, int(index), module, _block_type(fam, local))
     m = _GENERIC_LAYER.search(module)
     layer = int(m.group(1)) if m else None
     return ParamInfo(name, fam.name if fam else None, layer, module, _generic_type(module, layer))
+
+
+def _block_type(fam: Family, local: str) -> str:
+    """Type of a module path inside a block: its own entry, else its first component's."""
+    if local in fam.block:
+        return fam.block[local]
+    return fam.block.get(local.split(".")[0], "other")
 
 
 def _generic_type(module: str, layer: int | None) -> str:

@@ -50,6 +50,15 @@ def _llama(kv: int, tied: bool, bias: bool, rope_scaling=None):
     return transformers.LlamaConfig(**kw)
 
 
+def _gemma3(layer_types, window: int, kv: int, tied: bool, **kw):
+    # head_dim 8 with hidden 32 and 4 heads, query_pre_attn_scalar 12 != head_dim: both scales show.
+    return transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=len(layer_types),
+        num_attention_heads=4, num_key_value_heads=kv, head_dim=8, max_position_embeddings=64,
+        sliding_window=window, layer_types=layer_types, query_pre_attn_scalar=12,
+        tie_word_embeddings=tied, **kw)
+
+
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                    high_freq_factor=4.0, original_max_position_embeddings=16)
 
@@ -65,6 +74,14 @@ VARIANTS = {
     "qwen2": lambda: transformers.Qwen2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
+    # Sequences (up to 12 tokens) run past the sliding window; padded rows too.
+    "gemma3_tied_softcap": lambda: _gemma3(
+        ["sliding_attention", "full_attention", "sliding_attention"], window=4, kv=2, tied=True,
+        final_logit_softcapping=3.0),
+    "gemma3_untied_bias_linear_rope": lambda: _gemma3(
+        ["full_attention", "sliding_attention"], window=5, kv=4, tied=False, attention_bias=True,
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=100.0)}),
     "mistral": lambda: transformers.MistralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=None),
@@ -163,16 +180,17 @@ def test_unknown_model_type(tmp_path):
 def test_one_converter_per_family():
     from lmgrad.models import config as C
 
-    assert C.SUPPORTED_MODEL_TYPES == ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
-    assert {mt: C.CONVERTERS[mt] for mt in ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")} == {
+    assert C.SUPPORTED_MODEL_TYPES == ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text", "gemma3")
+    assert dict(C.CONVERTERS) == {
         "gpt2": C.gpt2_config, "gpt_neox": C.gpt_neox_config, "llama": C.llama_config,
-        "mistral": C.llama_config, "qwen2": C.llama_config}
+        "mistral": C.llama_config, "qwen2": C.llama_config, "gemma3_text": C.gemma3_config,
+        "gemma3": C.gemma3_config}
     for name, make in VARIANTS.items():
         hf = make()
         cfg = C.from_hf_config(hf)
         assert cfg == C.CONVERTERS[hf.model_type](hf) and cfg.model_type == hf.model_type, name
     assert C.from_hf_config(VARIANTS["qwen2"]()).family == "llama"
-    with pytest.raises(UnsupportedModelError, match=r"'t5'.*supported: gpt2, gpt_neox, llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedModelError, match=r"'t5'.*supported: gpt2, gpt_neox, llama, mistral, qwen2, gemma3"):
         C.from_hf_config(transformers.T5Config())
     with pytest.raises(UnsupportedModelError, match="scale_attn_weights"):
         C.from_hf_config(transformers.GPT2Config(scale_attn_weights=False))

@@ -2,8 +2,8 @@
 
 `transformers` owns config parsing (it normalises old `rope_scaling`/`rotary_pct` fields into
 `rope_parameters`); we only read the fields our Flax modules need and refuse what we do not support. One converter
-per family (`gpt2_config`, `gpt_neox_config`, `llama_config`), registered by HF `model_type` in
-`CONVERTERS`; `from_hf_config` dispatches.
+per family (`gpt2_config`, `gpt_neox_config`, `llama_config`, `gemma3_config`), registered by HF
+`model_type` in `CONVERTERS`; `from_hf_config` dispatches.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class UnsupportedModelError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture hyper-parameters shared by the GPT-2, GPT-NeoX and Llama families."""
+    """Architecture hyper-parameters shared by the GPT-2, GPT-NeoX, Llama and Gemma-3 families."""
 
     model_type: str
     vocab_size: int
@@ -46,10 +46,19 @@ class ModelConfig:
     scale_attn_by_inverse_layer_idx: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Gemma-3. attn_scale None means head_dim**-0.5 (Gemma: query_pre_attn_scalar**-0.5).
+    attn_scale: float | None = None
+    # Per layer: True where the layer attends only to the last `sliding_window` keys with the
+    # local RoPE (`local_inv_freq`); the others are global, with `inv_freq`.
+    sliding_layers: tuple[bool, ...] = ()
+    sliding_window: int | None = None
+    local_inv_freq: tuple[float, ...] = ()
+    local_rope_attention_factor: float = 1.0
+    final_logit_softcapping: float | None = None
 
     @property
     def family(self) -> str:
-        return {"mistral": "llama", "qwen2": "llama"}.get(self.model_type, self.model_type)
+        return {"mistral": "llama", "qwen2": "llama", "gemma3_text": "gemma3"}.get(self.model_type, self.model_type)
 
 
 def _rope_inv_freq(rope: dict[str, Any], dim: int, max_pos: int) -> tuple[np.ndarray, float]:
@@ -173,6 +182,8 @@ def llama_config(hf: Any) -> ModelConfig:
     rotary_dim = int(head_dim * pct)
     inv_freq, att = _rope_inv_freq(rope, rotary_dim, int(hf.max_position_embeddings))
     if hf.model_type == "qwen2":
+        if _get(hf, "use_sliding_window", False):
+            raise UnsupportedModelError("qwen2 with use_sliding_window=True is not supported")
         qkv_bias, o_bias = True, False
     else:
         qkv_bias = o_bias = bool(_get(hf, "attention_bias", False))
@@ -197,12 +208,81 @@ def llama_config(hf: Any) -> ModelConfig:
     )
 
 
+_GEMMA3_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def gemma3_config(hf: Any) -> ModelConfig:
+    """Gemma-3 text models (`Gemma3TextConfig`; a multimodal `Gemma3Config` contributes its
+    `text_config`): interleaved sliding-window and global layers with their own RoPE bases, QK-norm,
+    (1 + w) RMSNorms, query_pre_attn_scalar, optional final logit softcapping."""
+    if hf.model_type == "gemma3":
+        hf = hf.get_text_config()
+    if _get(hf, "use_bidirectional_attention", False):
+        raise UnsupportedModelError("gemma3 with use_bidirectional_attention=True is not supported")
+    if _get(hf, "attn_logit_softcapping"):
+        # transformers' Gemma3Attention never applies it (Gemma-2 did); no released Gemma-3 sets it.
+        raise UnsupportedModelError("gemma3 with attn_logit_softcapping is not supported "
+                                    "(transformers' Gemma-3 ignores it, so there is no reference)")
+    d = int(hf.hidden_size)
+    nh = int(hf.num_attention_heads)
+    head_dim = int(_get(hf, "head_dim") or d // nh)
+    layer_types = list(_get(hf, "layer_types") or [])
+    if len(layer_types) != int(hf.num_hidden_layers) or not set(layer_types) <= set(_GEMMA3_LAYER_TYPES):
+        raise UnsupportedModelError(
+            f"gemma3 layer_types must list {hf.num_hidden_layers} of {_GEMMA3_LAYER_TYPES}, got {layer_types}")
+    ropes = dict(_get(hf, "rope_parameters") or {})
+    tables = {}
+    for kind in _GEMMA3_LAYER_TYPES:
+        rope = ropes.get(kind)
+        if not isinstance(rope, dict):  # transformers < 5: rope_theta (global), rope_local_base_freq
+            rope = dict(_get(hf, "rope_scaling") or {}) if kind == "full_attention" else {}
+            rope.setdefault("rope_theta", _get(hf, "rope_theta", 1e6) if kind == "full_attention"
+                            else _get(hf, "rope_local_base_freq", 1e4))
+        pct = float(rope.get("partial_rotary_factor", 1.0))
+        tables[kind] = (int(head_dim * pct), *_rope_inv_freq(rope, int(head_dim * pct), int(hf.max_position_embeddings)))
+    (rotary_dim, inv_freq, att), (local_dim, local_inv, local_att) = tables["full_attention"], tables["sliding_attention"]
+    if rotary_dim != local_dim:
+        raise UnsupportedModelError("gemma3 with different rotary dims for local and global layers is not supported")
+    sliding = tuple(t == "sliding_attention" for t in layer_types)
+    window = _get(hf, "sliding_window")
+    if any(sliding) and not window:
+        raise UnsupportedModelError("gemma3 has sliding_attention layers but no sliding_window")
+    bias = bool(_get(hf, "attention_bias", False))
+    cap = _get(hf, "final_logit_softcapping")
+    return ModelConfig(
+        **_common(hf),
+        hidden_size=d,
+        num_layers=int(hf.num_hidden_layers),
+        num_heads=nh,
+        num_kv_heads=int(_get(hf, "num_key_value_heads") or nh),
+        head_dim=head_dim,
+        intermediate_size=int(hf.intermediate_size),
+        max_position_embeddings=int(hf.max_position_embeddings),
+        norm_eps=float(hf.rms_norm_eps),
+        hidden_act=str(_get(hf, "hidden_activation") or _get(hf, "hidden_act")),
+        tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
+        rotary_dim=rotary_dim,
+        inv_freq=tuple(float(x) for x in inv_freq),
+        rope_attention_factor=att,
+        qkv_bias=bias,
+        o_bias=bias,
+        attn_scale=float(hf.query_pre_attn_scalar) ** -0.5,
+        sliding_layers=sliding,
+        sliding_window=int(window) if window else None,
+        local_inv_freq=tuple(float(x) for x in local_inv),
+        local_rope_attention_factor=local_att,
+        final_logit_softcapping=float(cap) if cap else None,
+    )
+
+
 CONVERTERS: dict[str, Callable[[Any], ModelConfig]] = {
     "gpt2": gpt2_config,
     "gpt_neox": gpt_neox_config,
     "llama": llama_config,
     "mistral": llama_config,
     "qwen2": llama_config,
+    "gemma3_text": gemma3_config,
+    "gemma3": gemma3_config,
 }
 """HF `model_type` → converter from its `transformers` config; one converter per family."""
 

@@ -120,14 +120,21 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last axis. `unit_offset` is Gemma's form: the stored weight w scales by
+    (1 + w), in float32 before the cast back, as transformers' `Gemma3RMSNorm`."""
+
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        w = self.param("weight", init, (x.shape[-1],), self.dtype)
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
         # As transformers' LlamaRMSNorm: normalise in float32, cast, then scale.
         return w.astype(x.dtype) * y.astype(x.dtype)
 
@@ -155,6 +162,15 @@ def causal_mask(attention_mask: jax.Array) -> jax.Array:
     t = attention_mask.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     return causal[None, None] & (attention_mask[:, None, None, :] > 0)
+
+
+def sliding_causal_mask(attention_mask: jax.Array, window: int) -> jax.Array:
+    """`causal_mask` restricted to the last `window` keys: query t sees s iff t - window < s ≤ t
+    (transformers' `sliding_window_overlay`: the window counts the query itself)."""
+    t = attention_mask.shape[-1]
+    pos = jnp.arange(t)
+    near = pos[None, :] > pos[:, None] - window
+    return causal_mask(attention_mask) & near[None, None]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
@@ -191,4 +207,8 @@ class CausalLM(nn.Module):
             logits = model.head(h)
         else:
             logits = Linear(c.vocab_size, use_bias=False, name=self.head_name)(h)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if c.final_logit_softcapping:  # Gemma: c·tanh(logits/c)
+            cap = c.final_logit_softcapping
+            logits = jnp.tanh(logits / cap) * cap
+        return logits

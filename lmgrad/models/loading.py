@@ -29,6 +29,7 @@ import numpy as np
 
 from lmgrad.io import sha256_file
 from lmgrad.models.config import ModelConfig, UnsupportedModelError, from_hf_config
+from lmgrad.models.gemma3 import Gemma3ForCausalLM
 from lmgrad.models.gpt2 import GPT2LMHeadModel
 from lmgrad.models.gpt_neox import GPTNeoXForCausalLM
 from lmgrad.models.llama import LlamaForCausalLM
@@ -42,6 +43,7 @@ _FAMILIES: dict[str, type[nn.Module]] = {
     "gpt2": GPT2LMHeadModel,
     "gpt_neox": GPTNeoXForCausalLM,
     "llama": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 # Non-parameter tensors some checkpoints carry (attention-mask buffers, cached RoPE tables).
