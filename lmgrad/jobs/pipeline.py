@@ -57,8 +57,11 @@ def _say(msg: str) -> None:
     print(f"[lmgrad] {msg}", flush=True)
 
 
-def run(options: PipelineOptions, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str, Any]:
-    """Runs the stages into `workdir`, reusing finished ones; returns what `pipeline.json` holds."""
+def run(options: PipelineOptions, workdir: str | os.PathLike, *, progress: bool = True,
+        model: Any = None) -> dict[str, Any]:
+    """Runs the stages into `workdir`, reusing finished ones; returns what `pipeline.json` holds.
+    `model`: the `LoadedModel` of `options.inputs.model`, already loaded (a sweep reuses one object
+    per architecture so that its compiled scorer serves every checkpoint)."""
     o = options
     work = pathlib.Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,7 @@ def run(options: PipelineOptions, workdir: str | os.PathLike, *, progress: bool 
     n_pairs = sum(len(t) for t in tasks)
     _say(f"{len(tasks)} tasks, {n_pairs} pairs; model {o.inputs.model}")
     t = time.perf_counter()
-    model = o.inputs.load_model()
+    model = o.inputs.load_model() if model is None else model
     timings["load_model"] = time.perf_counter() - t
 
     eval_dir = work / "eval"
