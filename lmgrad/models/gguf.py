@@ -1,15 +1,24 @@
-"""Load a GGUF checkpoint (llama.cpp format) as an HF-named, HF-shaped float32 numpy state dict.
+"""Load a GGUF checkpoint (llama.cpp's format) as a transformers config, tokenizer and an
+HF-named, HF-shaped float32 numpy state dict.
 
 The config and tokenizer are built by transformers' own GGUF code (``AutoConfig`` /
 ``AutoTokenizer`` with ``gguf_file=``), so they are the ones ``from_pretrained`` would give. The
 tensors are dequantised here with the ``gguf`` package, one at a time, and converted by a small
-explicit table per architecture: every GGUF tensor must be claimed by the table, every HF tensor
-the config implies must be present with its HF shape, and anything else is an error naming the
-tensor and the file.
+explicit table per architecture (`ARCHITECTURES`: ``llama``, ``qwen2``, ``gemma3``): every GGUF
+tensor must be claimed by the table, every HF tensor the config implies must be present with its
+HF shape, and anything else is an error naming the tensor and the file.
 
-The one value transform for ``llama`` is llama.cpp's RoPE row permutation of the Q and K
-projections (``LlamaModel.permute`` in llama.cpp's ``convert_hf_to_gguf.py``), undone by
-:func:`unpermute_rope_rows`.
+Value transforms, as llama.cpp's ``convert_hf_to_gguf.py`` writes each architecture (and as
+transformers' ``modeling_gguf_pytorch_utils`` undoes them):
+
+* ``llama``: the RoPE row permutation of the Q and K projections (``LlamaModel.permute``), undone
+  by :func:`unpermute_rope_rows`.
+* ``qwen2``: none (``Qwen2Model`` does not permute; its q/k/v biases are stored as they are).
+* ``gemma3``: none for the projections; every RMSNorm weight is stored with Gemma's +1 folded in
+  (``Gemma3Model.modify_tensors``: ``data_torch + 1``), so 1 is subtracted back.
+
+transformers' GGUF config for ``gemma3`` leaves ``query_pre_attn_scalar`` at its default 256 (the
+GGUF has no such key), which is head_dim for every released Gemma-3 except 27B; we follow it.
 """
 
 from __future__ import annotations
@@ -26,8 +35,6 @@ from lmgrad.io import sha256_file
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
-
-SUPPORTED_ARCHITECTURES = ("llama",)
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -48,6 +55,22 @@ _LLAMA_GLOBAL_MAP = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+_QWEN2_LAYER_MAP = {
+    **_LLAMA_LAYER_MAP,
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+}
+# Gemma-3's four block norms: attn_norm before attention, post_attention_norm after it, ffn_norm
+# before the MLP (HF pre_feedforward_layernorm), post_ffw_norm after it.
+_GEMMA3_LAYER_MAP = {
+    **{k: v for k, v in _LLAMA_LAYER_MAP.items() if k != "ffn_norm.weight"},
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 # Recognised GGUF tensors that have no HF parameter; handled by _check_rope_freqs.
 _ROPE_FREQS = "rope_freqs.weight"
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
@@ -58,9 +81,10 @@ class GGUFCheckpoint:
     """A GGUF file converted to the Hugging Face layout.
 
     Attributes:
-      config: the ``transformers`` config (e.g. ``LlamaConfig``) built from the GGUF metadata.
-      state_dict: HF parameter name -> float32 array, names and shapes as in
-        ``LlamaForCausalLM.state_dict()``; ``lm_head.weight`` is absent when embeddings are tied.
+      config: the ``transformers`` config (``LlamaConfig``, ``Qwen2Config``, ``Gemma3TextConfig``)
+        built from the GGUF metadata.
+      state_dict: HF parameter name -> float32 array, names and shapes as in the transformers
+        model's ``state_dict()``; ``lm_head.weight`` is absent when embeddings are tied.
       tokenizer: the fast tokenizer stored in the GGUF, or None if not requested.
       sha256: hex sha256 of the file.
       path: absolute path of the file.
@@ -133,23 +157,84 @@ def llama_expected_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def _llama_hf_name(gguf_name: str) -> str | None:
-    """HF name of a llama GGUF tensor, or None if the table does not know it."""
-    if gguf_name in _LLAMA_GLOBAL_MAP:
-        return _LLAMA_GLOBAL_MAP[gguf_name]
-    if m := _BLOCK_RE.fullmatch(gguf_name):
-        leaf = _LLAMA_LAYER_MAP.get(m.group(2))
-        return f"model.layers.{int(m.group(1))}.{leaf}" if leaf else None
-    return None
+def qwen2_expected_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape of a ``Qwen2ForCausalLM``: Llama's plus q/k/v biases."""
+    hd = _head_dim(config)
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes = llama_expected_shapes(config)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        shapes[p + "q_proj.bias"], shapes[p + "k_proj.bias"], shapes[p + "v_proj.bias"] = (q,), (kv,), (kv,)
+    return {n: shapes[n] for n in sorted(shapes, key=_hf_order)}
 
 
-def _llama_hook(hf_name: str, config: PretrainedConfig) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The value transform for one tensor, if it needs one."""
+def gemma3_expected_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape of a ``Gemma3ForCausalLM``: Llama's plus QK-norms and the two
+    feed-forward sandwich norms."""
+    d, hd = config.hidden_size, _head_dim(config)
+    shapes = llama_expected_shapes(config)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+                       p + "pre_feedforward_layernorm.weight": (d,), p + "post_feedforward_layernorm.weight": (d,)})
+    return {n: shapes[n] for n in sorted(shapes, key=_hf_order)}
+
+
+def _hf_order(name: str) -> tuple[int, int, str]:
+    """Embeddings, then layers in index order, then the final norm and head (stable within a layer)."""
+    if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name):
+        return (1, int(m.group(1)), m.group(2))
+    return (0 if name == "model.embed_tokens.weight" else 2, 0, name)
+
+
+def _unpermute_llama(hf_name: str, config: PretrainedConfig) -> Callable[[np.ndarray], np.ndarray] | None:
     if hf_name.endswith("self_attn.q_proj.weight"):
         return lambda w: unpermute_rope_rows(w, config.num_attention_heads)
     if hf_name.endswith("self_attn.k_proj.weight"):
         return lambda w: unpermute_rope_rows(w, config.num_key_value_heads)
     return None
+
+
+def _no_transform(hf_name: str, config: PretrainedConfig) -> None:
+    return None
+
+
+def _gemma_norm(hf_name: str, config: PretrainedConfig) -> Callable[[np.ndarray], np.ndarray] | None:
+    return (lambda w: w - np.float32(1.0)) if hf_name.endswith("norm.weight") else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one GGUF ``general.architecture`` maps onto its transformers model.
+
+    Attributes:
+      layer_map: GGUF leaf name (after ``blk.N.``) -> HF name inside ``model.layers.N``.
+      global_map: GGUF name -> HF name outside the blocks.
+      expected: transformers config -> HF name -> shape of every parameter.
+      hook: (HF name, config) -> the value transform of that tensor, or None.
+    """
+
+    layer_map: dict[str, str]
+    global_map: dict[str, str]
+    expected: Callable[[PretrainedConfig], dict[str, tuple[int, ...]]]
+    hook: Callable[[str, PretrainedConfig], Callable[[np.ndarray], np.ndarray] | None]
+
+    def hf_name(self, gguf_name: str) -> str | None:
+        """HF name of a GGUF tensor, or None if the table does not know it."""
+        if gguf_name in self.global_map:
+            return self.global_map[gguf_name]
+        if m := _BLOCK_RE.fullmatch(gguf_name):
+            leaf = self.layer_map.get(m.group(2))
+            return f"model.layers.{int(m.group(1))}.{leaf}" if leaf else None
+        return None
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(_LLAMA_LAYER_MAP, _LLAMA_GLOBAL_MAP, llama_expected_shapes, _unpermute_llama),
+    "qwen2": Architecture(_QWEN2_LAYER_MAP, _LLAMA_GLOBAL_MAP, qwen2_expected_shapes, _no_transform),
+    "gemma3": Architecture(_GEMMA3_LAYER_MAP, _LLAMA_GLOBAL_MAP, gemma3_expected_shapes, _gemma_norm),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def _read_header(path: pathlib.Path):
@@ -201,7 +286,7 @@ def load_gguf(path: str | os.PathLike, *, load_tokenizer: bool = True) -> GGUFCh
         ``tokenizer`` is None.
 
     Raises:
-      ValueError: not a GGUF file; an architecture other than ``llama``; a tensor the conversion
+      ValueError: not a GGUF file; an architecture not in `ARCHITECTURES`; a tensor the conversion
         table does not know; an expected HF tensor missing or of the wrong shape.
     """
     import gguf
@@ -219,7 +304,8 @@ def load_gguf(path: str | os.PathLike, *, load_tokenizer: bool = True) -> GGUFCh
     except Exception as e:  # transformers' messages do not name the file
         raise ValueError(f"{path}: transformers could not build a config from the GGUF metadata "
                          f"({type(e).__name__}: {e})") from e
-    expected = llama_expected_shapes(config)
+    table = ARCHITECTURES[arch]
+    expected = table.expected(config)
 
     # Map every name before dequantising anything, so a bad file fails fast and totally.
     plan: list[tuple[Any, str]] = []
@@ -227,7 +313,7 @@ def load_gguf(path: str | os.PathLike, *, load_tokenizer: bool = True) -> GGUFCh
         if tensor.name == _ROPE_FREQS:
             _check_rope_freqs(tensor, path)
             continue
-        hf_name = _llama_hf_name(tensor.name)
+        hf_name = table.hf_name(tensor.name)
         if hf_name is None or hf_name not in expected:
             why = "unknown to the conversion table" if hf_name is None else f"maps to {hf_name!r}, which the config does not expect"
             raise ValueError(f"{path}: GGUF tensor {tensor.name!r} ({arch}) is {why}")
@@ -249,7 +335,7 @@ def load_gguf(path: str | os.PathLike, *, load_tokenizer: bool = True) -> GGUFCh
         if w.shape != expected[hf_name]:
             raise ValueError(f"{path}: tensor {tensor.name!r} -> {hf_name!r} has shape {w.shape}, "
                              f"expected {expected[hf_name]}")
-        if (hook := _llama_hook(hf_name, config)) is not None:
+        if (hook := table.hook(hf_name, config)) is not None:
             w = hook(w)
         state_dict[hf_name] = w
         ggml_types[hf_name] = tensor.tensor_type.name

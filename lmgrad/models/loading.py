@@ -223,7 +223,7 @@ def load_model(
             raise CheckpointError(f"{spec_path}: GGUF file not found")
         from lmgrad.models.gguf import load_gguf
 
-        ck = load_gguf(spec_path)
+        ck = load_gguf(spec_path, load_tokenizer=tokenizer)
         hf_config, state_dict, tok = ck.config, ck.state_dict, ck.tokenizer
         provenance["weights"] = [{"file": str(spec_path), "sha256": ck.sha256}]
         provenance["format"] = "gguf"
