@@ -13,12 +13,13 @@ every device's row-i gradient. Casting the differentiated parameters to device-v
 (`jax.lax.pcast(x, "data", to="varying")`, jax ≥ 0.8) keeps each device's gradients its own.
 `tests/test_mesh.py` shows the uncast version is wrong and the cast one equals 1 device.
 
-FSDP (not implemented for compute): with `fsdp > 1`, `param_shardings` gives each parameter a
-`NamedSharding` that splits its largest divisible dimension over `fsdp`, for storing a model
-that does not fit one device. The differential functions here take parameters as `P()`, so jit
-all-gathers fsdp-sharded parameters on entry (correct, but each device then holds a full copy);
-a memory-saving version would all-gather layer by layer inside the model's scan, and the batch
-would be sharded over both axes.
+FSDP: with `fsdp > 1` the parameters are placed by `lmgrad.sharding.param_shardings` (each large
+tensor split over `fsdp` along its largest divisible dimension) and the `shard_map` is manual over
+`data` only (`axis_names={"data"}`): inside it, `fsdp` is an automatic axis, so XLA's SPMD
+partitioner runs the row-wise body on sharded weights (gathering a weight where one layer needs it,
+or computing on its shard and reducing over `fsdp`). Those reductions are over parameter
+dimensions, never over rows: a row's result comes only from its own row, so the psum trap is the
+`data` one above and the same cast guards it. `fsdp = 1` is exactly the all-data path.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from lmgrad.grads.differential import (
     as_arrays,
 )
 from lmgrad.params import split
+from lmgrad.sharding import param_shardings as _rule_shardings
 
 DATA = "data"
 FSDP = "fsdp"
@@ -65,34 +67,34 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
-    """NamedSharding per leaf: the largest dimension divisible by the `fsdp` size is split over
-    `fsdp`, everything else replicated (see the module docstring for how this would be used)."""
-    k = mesh.shape[FSDP]
+    """NamedSharding per leaf from `lmgrad.sharding`'s rules table: large tensors split over `fsdp`
+    along their largest divisible dimension, small ones replicated."""
+    return _rule_shardings(params, mesh)
 
-    def spec(x: Any) -> NamedSharding:
-        dims = [d for d in np.argsort(x.shape)[::-1] if k > 1 and x.shape[d] % k == 0]
-        axes = [None] * len(x.shape)
-        if dims:
-            axes[int(dims[0])] = FSDP
-        return NamedSharding(mesh, P(*axes))
 
-    return jax.tree.map(spec, params)
+def fsdp_size(mesh: Mesh) -> int:
+    """The mesh's `fsdp` size (1 for a mesh without that axis)."""
+    return int(dict(mesh.shape).get(FSDP, 1))
 
 
 class ReplicaCache:
-    """Places a pytree replicated on a mesh, reusing the last placement while the caller passes the
-    same (immutable) leaf arrays: copying the model to every device on each batch would dominate
-    small batches. Holds the source leaves, so identity checks cannot be fooled by reused ids."""
+    """Places a pytree on a mesh (replicated, or by `shardings(tree)`), reusing the last placement
+    while the caller passes the same (immutable) leaf arrays: copying the model to every device on
+    each batch would dominate small batches. Holds the source leaves, so identity checks cannot be
+    fooled by reused ids. Leaves already placed as asked (a model loaded into its shards) move not."""
 
-    def __init__(self, mesh: Mesh):
+    def __init__(self, mesh: Mesh, shardings: Callable[[Any], Any] | None = None):
         self.mesh = mesh
+        self._shardings = shardings
         self._placed: tuple[tuple[Any, ...], Any] | None = None
 
     def __call__(self, tree: Any) -> Any:
         leaves = tuple(jax.tree.leaves(tree))
         if self._placed is None or len(self._placed[0]) != len(leaves) or any(
                 a is not b for a, b in zip(self._placed[0], leaves)):
-            self._placed = (leaves, replicate(tree, self.mesh))
+            placed = (replicate(tree, self.mesh) if self._shardings is None
+                      else jax.device_put(tree, self._shardings(tree)))
+            self._placed = (leaves, placed)
         return self._placed[1]
 
 
@@ -101,14 +103,16 @@ class ShardedRowsFn:
 
     The one sharded wrapper of both differential paths. `body(replicated, good, bad)` is a pure,
     row-wise function (the exact path's chunked vmap(grad), the factored path's batched backward);
-    `replicated` (parameters, projection factors) enters every device whole, placed once and
-    reused while the caller passes the same leaves. A ragged batch is padded with invalid zero rows
+    `replicated` (parameters, projection factors) enters every device whole on a `data`-only mesh;
+    with `fsdp > 1`, `shardings(replicated)` places it (parameters split over `fsdp`) and the body
+    runs manual over `data`, automatic over `fsdp` (module docstring). Either way it is placed once
+    and reused while the caller passes the same leaves. A ragged batch is padded with invalid zero rows
     to a multiple of `multiple` (devices × chunk) and trimmed after, so every device sees the same
     shapes and a run compiles once per length bucket. `traces` counts traces of `body`.
     """
 
     def __init__(self, body: Callable[[Any, Any, Any], Any], mesh: Mesh, *, multiple: int = 1,
-                 check_vma: bool = True):
+                 check_vma: bool = True, shardings: Callable[[Any], Any] | None = None):
         self.mesh = mesh
         self.traces = 0
         self._multiple = mesh.shape[DATA] * multiple
@@ -117,16 +121,27 @@ class ShardedRowsFn:
             self.traces += 1
             return body(replicated, good, bad)
 
+        sharded = fsdp_size(mesh) > 1
+        manual = {"axis_names": {DATA}} if sharded else {}
         self._fn = jax.jit(jax.shard_map(counted, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)),
-                                         out_specs=P(DATA), check_vma=check_vma))
-        self._replicated = ReplicaCache(mesh)
+                                         out_specs=P(DATA), check_vma=check_vma, **manual))
+        self._replicated = ReplicaCache(mesh, shardings if sharded else None)
 
-    def __call__(self, replicated: Any, good: Any, bad: Any) -> Any:
+    def inputs(self, replicated: Any, good: Any, bad: Any) -> tuple[tuple[Any, Any, Any], int]:
+        """The placed (replicated, good, bad) the compiled function takes, and the real row count."""
         g, b = as_arrays(good), as_arrays(bad)
         check_pair(g, b)
         (g, b), n = pad_rows((g, b), self._multiple)
         g, b = jax.device_put((g, b), NamedSharding(self.mesh, P(DATA)))
-        out = self._fn(self._replicated(replicated), g, b)
+        return (self._replicated(replicated), g, b), n
+
+    def lower(self, replicated: Any, good: Any, bad: Any) -> Any:
+        """`jax.jit(...).lower` on these inputs (for `compile().memory_analysis()`)."""
+        return self._fn.lower(*self.inputs(replicated, good, bad)[0])
+
+    def __call__(self, replicated: Any, good: Any, bad: Any) -> Any:
+        args, n = self.inputs(replicated, good, bad)
+        out = self._fn(*args)
         return jax.tree.map(lambda x: x[:n], out)
 
 
@@ -141,8 +156,26 @@ class _ParamsFn:
     def traces(self) -> int:
         return self._rows_fn.traces
 
+    @property
+    def mesh(self) -> Mesh:
+        return self._rows_fn.mesh
+
+    def placed(self, params: Any) -> Any:
+        """The compiled function's first input as placed on the mesh (for checks of what each
+        device holds)."""
+        return self._rows_fn.inputs(self._prepare(params), *_dummy_pair())[0][0]
+
+    def lower(self, params: Any, good: Any, bad: Any) -> Any:
+        return self._rows_fn.lower(self._prepare(params), good, bad)
+
     def __call__(self, params: Any, good: Any, bad: Any) -> Any:
         return self._rows_fn(self._prepare(params), good, bad)
+
+
+def _dummy_pair() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    one = {"input_ids": np.zeros((1, 2), np.int32), "attention_mask": np.ones((1, 2), np.int32),
+           "target_mask": np.ones((1, 2), np.float32)}
+    return one, dict(one)
 
 
 def _exact(apply_fn: ApplyFn, selected: Sequence[str], mesh: Mesh, chunk_size: int | None,
@@ -157,7 +190,8 @@ def _exact(apply_fn: ApplyFn, selected: Sequence[str], mesh: Mesh, chunk_size: i
         return core(trainable, frozen, good, bad)
 
     selected = list(selected)
-    return _ParamsFn(ShardedRowsFn(body, mesh, multiple=chunk_size or 1),
+    shardings = lambda rep: tuple(param_shardings(t, mesh) for t in rep)  # noqa: E731
+    return _ParamsFn(ShardedRowsFn(body, mesh, multiple=chunk_size or 1, shardings=shardings),
                      lambda params: split(params, selected))
 
 
@@ -194,6 +228,8 @@ def sharded_factored_fn(factored: Any, mesh: Mesh) -> Callable[[Any, Any, Any], 
     perturbations. `check_vma=False` keeps the zero perturbations (created inside the body, so
     device-invariant) from being psum-ed across devices in the transpose.
     """
-    rows_fn = ShardedRowsFn(lambda rep, g, b: factored.core(rep[0], g, b, rep[1]), mesh, check_vma=False)
+    shardings = lambda rep: (param_shardings(rep[0], mesh), NamedSharding(mesh, P()))  # noqa: E731
+    rows_fn = ShardedRowsFn(lambda rep, g, b: factored.core(rep[0], g, b, rep[1]), mesh, check_vma=False,
+                            shardings=shardings)
     factors = factored.factors()  # independent of the params: the cache places them once
     return _ParamsFn(rows_fn, lambda params: (params, factors))

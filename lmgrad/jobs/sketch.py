@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from lmgrad import provenance
 from lmgrad.grads import check_finite, make_mesh, sharded_factored_fn, sharded_sketch_fn
@@ -114,15 +115,17 @@ def build_sketcher(
     opts: SketchOptions,
     *,
     num_devices: int | None = None,
+    mesh: Mesh | None = None,
 ) -> Sketcher:
-    """Compiles the per-pair sketch function for `model` on a `data` mesh of local devices.
-    `opts` must be resolved (`SketchOptions.resolve`)."""
+    """Compiles the per-pair sketch function for `model` on `mesh` (default: a `data` mesh of
+    `num_devices` local devices; a mesh with fsdp > 1 runs on sharded parameters). `opts` must be
+    resolved (`SketchOptions.resolve`)."""
     if opts.method not in METHODS:
         raise ValueError(f"build_sketcher needs resolved options (method {opts.method!r}); call opts.resolve(model)")
     flat = flatten(model.params)
     selected = select(list(flat), list(opts.include) or None, list(opts.exclude) or None)
     shapes = {n: tuple(flat[n].shape) for n in selected}
-    mesh = make_mesh(num_devices)
+    mesh = make_mesh(num_devices) if mesh is None else mesh
     selection = {"include": list(opts.include), "exclude": list(opts.exclude), "n_selected": len(selected),
                  "n_params": int(sum(int(np.prod(s)) for s in shapes.values()))}
     if opts.method == "exact":
@@ -166,6 +169,7 @@ def sketch_pairs(
     bos: str = InputOptions.bos,
     resume: bool = False,
     num_devices: int | None = None,
+    mesh: Mesh | None = None,
     progress: Callable[[int], None] | None = None,
     max_batches: int | None = None,
     process_index: int = 0,
@@ -202,7 +206,7 @@ def sketch_pairs(
         pairs, good, bad, sg, sb = [pairs[i] for i in keep], [good[i] for i in keep], [bad[i] for i in keep], sg[keep], sb[keep]
         if not pairs:
             raise ValueError("no pairs to sketch: every pair tokenises identically")
-    sketcher = build_sketcher(model, opts, num_devices=num_devices)
+    sketcher = build_sketcher(model, opts, num_devices=num_devices, mesh=mesh)
     config = store_config(model, tasks, opts, sketcher, bos)
     if same:
         config["loss"]["dropped_token_identical"] = dropped
@@ -293,12 +297,13 @@ def run(inputs: InputOptions, options: SketchOptions, workdir: str | os.PathLike
     from tqdm import tqdm
 
     tasks = inputs.select_tasks() if tasks is None else tasks
-    model = inputs.load_model() if model is None else model
+    mesh = inputs.make_mesh(num_devices)
+    model = inputs.load_model(mesh) if model is None else model
     n = sum(len(t) for t in tasks)
     resolved = options.resolve(model)
     log.info("sketch method: %s", resolved.method)
     with tqdm(total=n, unit="pair", desc=f"{desc} ({resolved.method}, seed {resolved.projection_seed})",
               disable=not progress) as bar:
         return sketch_pairs(model, tasks, workdir, resolved, bos=inputs.bos, resume=resume,
-                            num_devices=num_devices, progress=bar.update, max_batches=max_batches,
+                            mesh=mesh, progress=bar.update, max_batches=max_batches,
                             process_index=jax.process_index(), process_count=jax.process_count())
