@@ -222,7 +222,8 @@ def mfu(flops_per_s: float | None, device_kind: str, bf16: bool = False) -> floa
 
 
 # ------------------------------------------------------------------------------ the methods
-def jax_methods(module, params, fn, good, bad, batch: int) -> dict[str, tuple[Callable, dict]]:
+def jax_methods(module, params, fn, good, bad, batch: int,
+                which: tuple[str, ...] = ("plain", "factored")) -> dict[str, tuple[Callable, dict]]:
     """name → (call, info) for the JAX methods; call() blocks until done; info has compile_s etc."""
     import jax
     import jax.numpy as jnp
@@ -246,6 +247,8 @@ def jax_methods(module, params, fn, good, bad, batch: int) -> dict[str, tuple[Ca
     factors = fn.factors()
     for name, jitted, args in (("plain", jax.jit(step), (params, g, b)),
                                ("factored", fn._jit, (params, g, b, factors))):
+        if name not in which:
+            continue
         t = time.perf_counter()
         compiled = jitted.lower(*args).compile()
         info = {"compile_s": time.perf_counter() - t, "xla_flops": xla_flops(compiled),
@@ -411,7 +414,7 @@ def scaling_point(method: str, shape: str, batch: int, seq: int, r: int | None, 
     fn = make_factored_sketch_fn(module, default_spec(r), params=params)
     good, bad = make_pairs(config.vocab_size, batch, seq)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    (call, info), = ((k, v) for k, v in jax_methods(module, params, fn, good, bad, batch).items() if k == method)
+    call, info = jax_methods(module, params, fn, good, bad, batch, which=(method,))[method]
     call()
     secs = []
     for _ in range(reps):
