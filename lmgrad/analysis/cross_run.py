@@ -449,11 +449,11 @@ def analyze(records: Sequence[RunRecord], out_dir: str | os.PathLike, *, n_boot:
         per_run.append({
             "name": rec.name, "size": rec.size or rec.name, "num_params": rd.num_params, "step": rec.step,
             "n_pairs_compared": len(keys),
-            "accuracy": acc, "accuracy_interval": list(interval_fn(acc, acc_b, alpha, "percentile")),
+            "accuracy": acc, "accuracy_interval": list(interval_fn(acc, acc_b, alpha, "percentile", (0.0, 1.0))),
             "accuracy_n_pairs": rd.summary.get("overall", {}).get("n_pairs"),
             "controlled_fit": None if ctrl is None else {
                 k: ctrl.get(k) for k in ("name", "coef", "statistic", "p_value", "p_text", "n_perm")},
-            "sharing": sh, "sharing_interval": list(interval_fn(sh, sh_b, alpha, interval)),
+            "sharing": sh, "sharing_interval": list(interval_fn(sh, sh_b, alpha, interval, (-2.0, 2.0))),
             "reliability": float(comp.reliability[i]),
             "n_undefined_tasks": int(np.sum(~np.isfinite(np.diag(comp.sims[i])))),
         })
@@ -523,11 +523,12 @@ def analyze(records: Sequence[RunRecord], out_dir: str | os.PathLike, *, n_boot:
     return stats
 
 
-def interval_fn(est: float | None, reps: np.ndarray, alpha: float, kind: str) -> tuple[float, float]:
+def interval_fn(est: float | None, reps: np.ndarray, alpha: float, kind: str,
+                bounds: tuple[float, float] | None = None) -> tuple[float, float]:
     """`interval` for a possibly missing estimate (NaN interval then)."""
     if est is None:
         return float("nan"), float("nan")
-    return interval(float(est), reps, alpha, kind)
+    return interval(float(est), reps, alpha, kind, bounds)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -271,22 +271,26 @@ def enable_compile_cache(directory: str | os.PathLike) -> bool:
 
 
 class ModelPool:
-    """One `LoadedModel` per architecture: a later checkpoint's parameters, tokenizer and provenance
-    are swapped into the first model of its `ModelConfig`, so the scorer it compiled (cached on the
-    object) serves every checkpoint of that architecture."""
+    """The last `LoadedModel`, reused for the next checkpoint of the same architecture: its
+    parameters, tokenizer and provenance are swapped in, so the scorer it compiled (cached on the
+    object) serves every checkpoint of a series. Only one model is held, so a sweep over many
+    architectures does not keep them all in memory (series are expanded consecutively)."""
 
     def __init__(self) -> None:
-        self._by_config: dict[Any, Any] = {}
+        self._key: Any = None
+        self._model: Any = None
 
     def load(self, spec: str, dtype: str) -> Any:
         from lmgrad.models import load_model
 
         new = load_model(spec, dtype=dtype)
         key = (new.config, dtype)
-        kept = self._by_config.setdefault(key, new)
-        if kept is not new:
-            kept.params, kept.spec, kept.provenance = new.params, new.spec, new.provenance
-            kept.tokenizer, kept.hf_config = new.tokenizer, new.hf_config
+        if self._model is None or key != self._key:
+            self._key, self._model = key, new
+            return new
+        kept = self._model
+        kept.params, kept.spec, kept.provenance = new.params, new.spec, new.provenance
+        kept.tokenizer, kept.hf_config = new.tokenizer, new.hf_config
         return kept
 
 
