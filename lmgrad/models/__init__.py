@@ -1,4 +1,4 @@
-"""Flax causal LMs (GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2) loaded from HF or GGUF checkpoints."""
+"""Flax causal LMs (GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2, Gemma-3) loaded from HF or GGUF checkpoints."""
 
 from lmgrad.models.config import ModelConfig, UnsupportedModelError, from_hf_config
 from lmgrad.models.loading import (
