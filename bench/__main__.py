@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         table = speed.fusion_table(rows)
     print(table)
     if not args.no_write:
-        append_jsonl(results_path(args.suite), rows)
+        if args.suite != "scaling":  # scaling appends each point as it finishes
+            append_jsonl(results_path(args.suite), rows)
         _write_latest(args.suite, command, table, rows)
     return 0
 

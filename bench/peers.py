@@ -37,13 +37,14 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
-def torch_factors(factors: Mapping[str, tuple[Any, Any]], dtype: torch.dtype = torch.float32) -> dict[str, tuple]:
-    """lmgrad's {module path: (P_out, P_in)} as torch tensors (P_in None for norms)."""
-    t = lambda a: None if a is None else torch.tensor(np.array(a), dtype=dtype)  # noqa: E731
+def torch_factors(factors: Mapping[str, tuple[Any, Any]], dtype: torch.dtype = torch.float32,
+                  device: Any = None) -> dict[str, tuple]:
+    """lmgrad's {module path: (P_out, P_in)} as torch tensors (P_in None for norms) on `device`."""
+    t = lambda a: None if a is None else torch.tensor(np.array(a), dtype=dtype, device=device)  # noqa: E731
     return {k: (t(po), t(pi)) for k, (po, pi) in factors.items()}
 
 
-def _batch(good: Mapping[str, Any], bad: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+def _batch(good: Mapping[str, Any], bad: Mapping[str, Any], device: Any = None) -> tuple[torch.Tensor, ...]:
     """Concatenated [2B, T] ids, attention mask, target mask, and the row signs (+1 good, −1 bad, 0 padding rows)."""
     g = {k: torch.as_tensor(np.asarray(good[k])) for k in FIELDS}
     b = {k: torch.as_tensor(np.asarray(bad[k])) for k in FIELDS}
@@ -53,7 +54,7 @@ def _batch(good: Mapping[str, Any], bad: Mapping[str, Any]) -> tuple[torch.Tenso
     tm = torch.cat([g["target_mask"], b["target_mask"]]).float()
     v = torch.cat([valid, valid]).float()
     sign = torch.cat([torch.ones(len(valid)), -torch.ones(len(valid))]) * v
-    return ids, am, tm, sign
+    return tuple(x.to(device) for x in (ids, am, tm, sign))
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor, tm: torch.Tensor) -> torch.Ten
 
 def _positions(ids: torch.Tensor) -> torch.Tensor:
     """Per-row position ids, so a learned position table's δ is per example (as lmgrad broadcasts it)."""
-    return torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
 
 
 class TorchHookSketch:
@@ -78,7 +79,8 @@ class TorchHookSketch:
         self.model = model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        self.factors = torch_factors(factors)
+        self.device = next(model.parameters()).device
+        self.factors = torch_factors(factors, device=self.device)
         self.layout = list(layout)
         conv1d = _conv1d_type()
         mods = dict(model.named_modules())
@@ -134,7 +136,7 @@ class TorchHookSketch:
         acc[prefix] = blk if prefix not in acc else acc[prefix] + blk
 
     def __call__(self, good: Mapping[str, Any], bad: Mapping[str, Any]) -> np.ndarray:
-        ids, am, tm, sign = _batch(good, bad)
+        ids, am, tm, sign = _batch(good, bad, self.device)
         tok = ((am > 0) & (sign != 0)[:, None]).float()[..., None]
         self._state = {"tok": tok, "blocks": {}}
         # Hooks live for this call only: the same torch model serves other methods in a bench process.
@@ -149,7 +151,7 @@ class TorchHookSketch:
         blocks = self._state["blocks"]
         self._state = {}
         n = ids.shape[0] // 2
-        return torch.cat([blocks[e["module"]].reshape(n, -1) for e in self.layout], 1).numpy()
+        return torch.cat([blocks[e["module"]].reshape(n, -1) for e in self.layout], 1).cpu().numpy()
 
 
 class TorchVmapSketch:
@@ -161,7 +163,8 @@ class TorchVmapSketch:
         from torch.func import functional_call, grad, vmap
 
         self.model = model.eval()
-        self.factors = torch_factors(factors)
+        self.device = next(model.parameters()).device
+        self.factors = torch_factors(factors, device=self.device)
         self.layout = list(layout)
         if any(e["role"] != "weight" for e in self.layout):
             raise ValueError("TorchVmapSketch: sketches weight matrices only (use handle_vectors='exclude')")
@@ -177,7 +180,7 @@ class TorchVmapSketch:
         self._masked = True
 
         def nll(p, ids, am, tm):
-            kw = {"input_ids": ids[None], "position_ids": torch.arange(ids.shape[0])[None]}
+            kw = {"input_ids": ids[None], "position_ids": torch.arange(ids.shape[0], device=ids.device)[None]}
             if self._masked:  # transformers' sdpa mask helper branches on the mask's values, which vmap refuses
                 kw["attention_mask"] = am[None]
             out = functional_call(model, p, (), kw)
@@ -208,10 +211,11 @@ class TorchVmapSketch:
         step = self.chunk or max(len(rows), 1)
         for s in range(0, len(rows), step):
             i = torch.as_tensor(rows[s: s + step])
-            args = [t[k][i].float() if k == "target_mask" else t[k][i].long() for t in (g, b) for k in FIELDS]
+            args = [(t[k][i].float() if k == "target_mask" else t[k][i].long()).to(self.device)
+                    for t in (g, b) for k in FIELDS]
             grads = self._grads(w, rest, *args)
             out[rows[s: s + step]] = torch.cat(
-                [self._project(name, grads[name]).reshape(len(i), -1) for name in self.wanted], 1).numpy()
+                [self._project(name, grads[name]).reshape(len(i), -1) for name in self.wanted], 1).cpu().numpy()
         return out
 
 

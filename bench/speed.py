@@ -71,6 +71,13 @@ def torch_model(shape: str, seq: int, seed: int = 0):
     return transformers.GPT2LMHeadModel(hf_config(shape, seq)).float().eval()
 
 
+def torch_device():
+    """CUDA where torch sees a GPU (the peers then run there), else CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def lmgrad_model(shape: str, seq: int, tmodel=None):
     """(config, Flax module, params): the torch model's weights when given, else the Flax module's own init."""
     import jax
@@ -81,7 +88,7 @@ def lmgrad_model(shape: str, seq: int, tmodel=None):
     config = from_hf_config(hf_config(shape, seq))
     module = build_module(config)
     if tmodel is not None:
-        sd = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
+        sd = {k: v.detach().cpu().numpy() for k, v in tmodel.state_dict().items()}
         params = convert_state_dict(sd, config, source=f"random {shape}")
     else:
         ids = jnp.zeros((1, 8), jnp.int32)
@@ -280,7 +287,7 @@ def torch_methods(tmodel, fn, good, bad, which: list[str], vmap_chunk: int) -> d
         vm = TorchVmapSketch(tmodel, fn.factors(), fn.layout, chunk=vmap_chunk)
         out["torch_vmap"] = ((lambda: vm(good, bad)), {"compile_s": 0.0, "vmap_chunk": vmap_chunk})
     if "torch_plain" in which:
-        ids, am, tm, sign = _batch(good, bad)
+        ids, am, tm, sign = _batch(good, bad, next(tmodel.parameters()).device)
 
         def plain():
             for p in tmodel.parameters():
@@ -288,6 +295,8 @@ def torch_methods(tmodel, fn, good, bad, which: list[str], vmap_chunk: int) -> d
                 p.grad = None
             logits = tmodel(input_ids=ids, attention_mask=am, position_ids=_positions(ids)).logits
             (sign * _nll(logits, ids, tm)).sum().backward()
+            if ids.is_cuda:
+                torch.cuda.synchronize()
             for p in tmodel.parameters():
                 p.requires_grad_(False)
                 p.grad = None
@@ -300,9 +309,16 @@ def time_interleaved(methods: dict[str, tuple[Callable, dict]], reps: int) -> di
     """One warm-up call each, then `reps` rounds calling every method once per round (interleaved, so
     load swings hit all alike). Returns per method: secs list, median, peak memory rise."""
     res = {name: {"secs": [], "peak_extra_gib": 0.0} for name in methods}
-    for name, (call, _) in methods.items():
-        with RssSampler() as s:
-            call()
+    for name, (call, info) in list(methods.items()):
+        try:
+            with RssSampler() as s:
+                call()
+        except Exception as e:  # out of memory, typically: that method is reported failed, the rest go on
+            info["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            print(f"  {name}: failed ({info['error'][:200]})", flush=True)
+            methods = {k: v for k, v in methods.items() if k != name}
+            del res[name]
+            continue
         res[name]["peak_extra_gib"] = s.extra / 2**30
     for _ in range(reps):
         for name, (call, _) in methods.items():
@@ -331,6 +347,7 @@ def speed(args) -> list[dict]:
             for batch in args.batches:
                 tmodel = torch_model(shape, seq)
                 config, module, params = lmgrad_model(shape, seq, tmodel)
+                tmodel = tmodel.to(torch_device())
                 from lmgrad.grads.factored import make_factored_sketch_fn
 
                 fn = make_factored_sketch_fn(module, default_spec(args.r), params=params)
@@ -346,6 +363,9 @@ def speed(args) -> list[dict]:
                     agree = float(np.abs(theirs - ours).max() / np.abs(ours).max())
                 load0 = loadavg()
                 timed = time_interleaved(methods, args.reps)
+                for name in set(methods) - set(timed):
+                    rows.append({**meta, "model": f"{shape}(random)", "seq": seq, "batch_pairs": batch, "method": name,
+                                 "error": methods[name][1]["error"]})
                 flops = count_flops(fn, config, batch, seq)
                 flops["matmul"] = mm_flops
                 base = {**meta, "loadavg": load0, "loadavg_after": loadavg(), "model": f"{shape}(random)",
@@ -353,6 +373,7 @@ def speed(args) -> list[dict]:
                                   "params": int(sum(p.numel() for p in tmodel.parameters()))},
                         "seq": seq, "batch_pairs": batch, "k": fn.dim, "spec": fn.spec.spec}
                 mm_rate = mm_flops / timed["matmul"]["sec_per_call"]
+                agree = agree if "torch_hooks" in timed else None
                 for name, t in timed.items():
                     sec = t["sec_per_call"]
                     info = {k: v for k, v in methods[name][1].items() if k != "peer"}
@@ -370,7 +391,8 @@ def speed(args) -> list[dict]:
                     if name == "torch_hooks":
                         row["max_rel_diff_vs_lmgrad"] = agree
                     rows.append(row)
-                print_speed([r for r in rows if r["seq"] == seq and r["batch_pairs"] == batch and r["model"] == base["model"]])
+                print_speed([r for r in rows if r["seq"] == seq and r["batch_pairs"] == batch
+                             and r["model"] == base["model"] and "error" not in r])
                 del tmodel, params, methods
                 jax.clear_caches()
     return rows
@@ -386,6 +408,10 @@ def speed_table(rows: list[dict]) -> str:
             "× plain | × torch hooks | × torch vmap | peak Δ GiB | compile s | load |")
     lines = [head, "|" + "---|" * 3 + "---|" + "---:|" * 12]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['seq']} | {r['batch_pairs']} | {r['method']} | failed: "
+                         f"{r['error'][:60]} |" + " |" * 11)
+            continue
         lines.append(
             f"| {r['model']} | {r['seq']} | {r['batch_pairs']} | {r['method']} | {r['sec_per_call']:.3f} | "
             f"{_fmt(r['pairs_per_s'], '.2f')} | {_fmt(r['tokens_per_s'], '.0f')} | "
@@ -469,6 +495,8 @@ def scaling(args) -> list[dict]:
                   f"{row['flops_per_s'] / 1e9:7.1f} GFLOP/s  peak RSS {row['peak_rss_gib']:.2f} GiB "
                   f"(params+init {row['rss_before_call_gib']:.2f})  load {load0}", flush=True)
         rows.append(row)
+        if not args.no_write:  # one line per point as it finishes: a long sweep cut short keeps its points
+            append_jsonl(results_path("scaling"), [row])
     return rows
 
 
