@@ -416,16 +416,57 @@ def _module_blocks(
     return out
 
 
+def _grouped_linear_blocks(
+    spec: FactoredSpec, group: Sequence[_Module], factors: Mapping[str, tuple[Array, Array | None]], want: set[str],
+    inter: Mapping[str, Any], dys: Mapping[str, Array], tok: Array,
+) -> dict[str, Array]:
+    """`_module_blocks` for G Linear/Conv1D modules of one (in, out, r_in, r_out) shape at once: x, δ and
+    the factors are stacked so each stage is one batched matmul instead of G small ones (the same
+    products, term by term)."""
+    mask = tok[None, ..., None]
+    z = lambda v: jnp.where(mask, v, 0.0)  # noqa: E731
+    xs = jnp.stack([_one(inter.get(f"{m.prefix}.x"), m.prefix) for m in group])
+    dy = jnp.stack([dys[f"{m.prefix}.dy"] for m in group])
+    p_out = jnp.stack([factors[m.prefix][0] for m in group])
+    p_in = jnp.stack([factors[m.prefix][1] for m in group])
+    c = z(jnp.einsum("gntd,grd->gntr", dy, p_out.astype(dy.dtype), precision=_HIGHEST,
+                     preferred_element_type=jnp.float32))
+    g_, n, t = c.shape[:3]
+    out: dict[str, Array] = {}
+    if any(m.weight in want for m in group):
+        a = z(jnp.einsum("gntd,grd->gntr", xs, p_in.astype(xs.dtype), precision=_HIGHEST,
+                         preferred_element_type=jnp.float32))
+        c2, a2 = c.reshape(g_, 2, n // 2, t, -1), a.reshape(g_, 2, n // 2, t, -1)
+        w = jnp.einsum("gsbto,gsbti->gboi", c2, a2, precision=_HIGHEST).reshape(g_, n // 2, -1)
+        out.update({m.weight: w[i] for i, m in enumerate(group) if m.weight in want})
+    biases = [(i, m) for i, m in enumerate(group) if m.bias and m.bias in want]
+    if biases:
+        src = c if spec.handle_vectors == "project" else z(dy.astype(jnp.float32))
+        bs = src.reshape(g_, 2, n // 2, t, -1).sum(axis=(1, 3))
+        out.update({m.bias: bs[i] for i, m in biases})
+    return out
+
+
+FUSE_MODES = ("loop", "grouped")
+
+
 class FactoredSketchFn:
     """fn(params, good, bad) → (float32 [B, K] sketch of each pair's differential, layout).
 
     `core(params, good, bad)` is the un-jitted pure function on sanitised-or-not array dicts with
     fields input_ids, attention_mask, target_mask, valid (all [B, T] / [B]); it is shape-polymorphic
     in B, so it can be jitted or wrapped in shard_map. `traces` counts jit traces.
+
+    `fuse`: ``"grouped"`` projects Linear/Conv1D modules of equal shapes and ranks together (one
+    batched matmul per stage and shape); ``"loop"`` one module at a time. Same sketch either way
+    (up to float32 rounding of the matmul kernels); `bench/` (``python -m bench run --suite=fusion``)
+    measures the two.
     """
 
-    def __init__(self, module: nn.Module, params: Any, spec: FactoredSpec):
-        self.module, self.spec = module, spec
+    def __init__(self, module: nn.Module, params: Any, spec: FactoredSpec, fuse: str = "grouped"):
+        if fuse not in FUSE_MODES:
+            raise ValueError(f"FactoredSketchFn: fuse must be one of {FUSE_MODES}, got {fuse!r}")
+        self.module, self.spec, self.fuse = module, spec, fuse
         self.modules = describe_modules(module, params)
         entries = _entries(spec, self.modules)
         self.block_layout = _with_offsets(entries)
@@ -491,8 +532,17 @@ class FactoredSketchFn:
         tok = (am > 0) & valid2[:, None]
         want = {e["name"] for e in self.block_layout}
         blocks: dict[str, Array] = {}
+        groups: dict[tuple, list[_Module]] = {}
         for m in self._used():
-            blocks.update(_module_blocks(self.spec, m, factors[m.prefix], want, inter, dys, tok))
+            if self.fuse == "grouped" and m.kind in ("linear", "conv1d"):
+                groups.setdefault((_io_dims(m), self.spec.ranks(m.weight, m.type)), []).append(m)
+            else:
+                blocks.update(_module_blocks(self.spec, m, factors[m.prefix], want, inter, dys, tok))
+        for group in groups.values():
+            if len(group) == 1:
+                blocks.update(_module_blocks(self.spec, group[0], factors[group[0].prefix], want, inter, dys, tok))
+            else:
+                blocks.update(_grouped_linear_blocks(self.spec, group, factors, want, inter, dys, tok))
         blocks = {e["name"]: blocks[e["name"]] for e in self.block_layout}
         if self.spec.global_k is not None:
             proj = make_projector("sjlt", int(self.spec.global_k), self.spec.seed, s=self.spec.global_s)
