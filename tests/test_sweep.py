@@ -78,16 +78,16 @@ def full(series, jax_cache, tmp_path_factory):
     return work
 
 
-def _outputs(work: pathlib.Path) -> dict:
+def _outputs(work: pathlib.Path, names: list[str]) -> dict:
     out = {}
-    for d in sorted((work / "runs").iterdir()):
+    for name in names:
+        d = work / "runs" / name
         st = lstore.open(d / "sketches")
-        out[d.name, "rows"] = np.asarray(st.sketches)
-        out[d.name, "keys"] = list(zip(st.meta["UID"], st.meta["pairID"]))
+        out[name, "rows"] = np.asarray(st.sketches)
+        out[name, "keys"] = list(zip(st.meta["UID"], st.meta["pairID"]))
         with np.load(d / "task_space" / "task_space.npz") as z:
-            out.update({(d.name, "npz", k): z[k] for k in z.files})
-        out[d.name, "scores"] = (d / "eval" / "scores.jsonl").read_text()
-    out["cross_run"] = (work / "cross_run" / "stats.json").read_text()  # text: NaN entries compare equal
+            out.update({(name, "npz", k): z[k] for k in z.files})
+        out[name, "scores"] = (d / "eval" / "scores.jsonl").read_text()
     return out
 
 
@@ -118,6 +118,7 @@ def test_sweep_end_to_end(full):
     # the later ones find it (same model object) and the sketch programs (persistent cache).
     t = [record["runs"][n]["timings_s"] for n in names]
     assert t[1]["pipeline:evaluate"] < t[0]["pipeline:evaluate"] / 2
+    assert t[1]["pipeline:sketch:sketches"] < t[0]["pipeline:sketch:sketches"] / 2
 
 
 def test_finished_runs_are_skipped(full, series, jax_cache):
@@ -131,9 +132,13 @@ def test_finished_runs_are_skipped(full, series, jax_cache):
 
 
 def test_killed_sweep_resumes_to_the_same_outputs(full, series, jax_cache, tmp_path, monkeypatch):
+    # A two-checkpoint sweep killed in the middle of its second run (rows committed), resumed: its
+    # runs end with the rows, scores and task spaces of the uninterrupted sweep's same runs, and
+    # its cross-run statistics equal the analysis of those uninterrupted runs.
     from lmgrad.store.writer import StoreWriter
 
-    opts = _smoke(series, jax_cache)
+    opts = dataclasses.replace(_smoke(series, jax_cache), series_steps=f"{STEPS[0]},{STEPS[1]}")
+    names = [f"tiny@step_{s:06d}" for s in STEPS[:2]]
     work = tmp_path / "sweep"
     calls = {"run": 0, "writes": 0}
     write = StoreWriter.write
@@ -152,20 +157,26 @@ def test_killed_sweep_resumes_to_the_same_outputs(full, series, jax_cache, tmp_p
     monkeypatch.setattr(StoreWriter, "write", crashing_write)
     with pytest.raises(RuntimeError, match="killed"):
         sweep.run(opts, work, progress=False, run_pipeline=pipeline)
-    second = work / "runs" / f"tiny@step_{STEPS[1]:06d}"
-    assert not (second / "pipeline.json").exists()
-    st = lstore.open(second / "sketches", verify=False)
-    assert 0 < len(st) < st.total_rows  # killed with rows committed
+    st = lstore.open(work / "runs" / names[1] / "sketches", verify=False)
+    assert 0 < len(st) < st.total_rows and not (work / "runs" / names[1] / "pipeline.json").exists()
     monkeypatch.setattr(StoreWriter, "write", write)
     record = sweep.run(opts, work, progress=False)
-    assert record["runs"][f"tiny@step_{STEPS[0]:06d}"]["status"].startswith("skipped")
-    a, b = _outputs(full), _outputs(work)
+    assert record["runs"][names[0]]["status"].startswith("skipped")
+    assert record["runs"][names[1]]["status"] == "done"
+    a, b = _outputs(full, names), _outputs(work, names)
     assert a.keys() == b.keys()
     for k in a:
         if isinstance(a[k], np.ndarray):
             np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
         else:
             assert a[k] == b[k], k
+    uninterrupted = json.loads((full / sweep.SWEEP_JSON).read_text())["runs"]
+    co = opts.cross_run
+    cross_run.analyze([cross_run.RunRecord(n, str(full / "runs" / n), "tiny", uninterrupted[n]["num_params"], s)
+                       for n, s in zip(names, STEPS)], tmp_path / "reference", n_boot=co.n_boot, seed=co.seed,
+                      alpha=co.alpha, rsa=co.rsa, interval=co.interval, n_splits=co.n_splits, category=co.category)
+    # Compared as text: NaN entries (undefined statistics) compare equal there.
+    assert (work / "cross_run" / "stats.json").read_text() == (tmp_path / "reference" / "stats.json").read_text()
 
 
 def test_options_differing_from_a_run_are_an_error(full, series, jax_cache):

@@ -427,6 +427,7 @@ def analyze(records: Sequence[RunRecord], out_dir: str | os.PathLike, *, n_boot:
     for r in runs:
         pos = {k: i for i, k in enumerate(r.keys)}
         ys.append(gram_factor(r.sketches, np.array([pos[k] for k in keys])))
+        r.sketches = None  # the factor holds every inner product; let a multi-shard store's rows go
     comp = compare(ys, labels, [r.name for r in records], n_boot=n_boot, seed=seed, alpha=alpha, method=rsa,
                    interval_kind=interval, n_splits=n_splits)
     _, idx = np.unique(labels, return_inverse=True)
