@@ -24,6 +24,7 @@ architecture, are compiled once (also across processes: a resumed sweep reuses t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,7 +33,7 @@ import os
 import pathlib
 import re
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from lmgrad import io as lio
 from lmgrad.jobs import pipeline as pipeline_job
@@ -251,23 +252,39 @@ def _check_architecture(run: RunSpec, path: pathlib.Path, recorded: dict[str, An
                 "sweep has", "run started with") for d in diffs[:12]))
 
 
-def enable_compile_cache(directory: str | os.PathLike) -> bool:
-    """Turns on JAX's persistent compilation cache in `directory` (every program, however fast to
-    compile); returns whether the cache could be (re)initialised for this process."""
-    import jax
+_CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                "jax_persistent_cache_min_entry_size_bytes")
 
-    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+def _reset_jax_cache() -> None:
     try:  # a process that compiled before the directory was set has already decided "no cache"
         from jax._src import compilation_cache
 
         compilation_cache.reset_cache()
-        return True
     except (ImportError, AttributeError):
-        log.warning("could not reset JAX's compilation cache; it may stay off in this process")
-        return False
+        log.warning("could not reset JAX's compilation cache; the setting may not apply in this process")
+
+
+@contextlib.contextmanager
+def compile_cache(directory: str | os.PathLike | None) -> Iterator[None]:
+    """JAX's persistent compilation cache in `directory` (every program, however fast to compile)
+    while the block runs; the process's previous settings afterwards. None: no change."""
+    if directory is None:
+        yield
+        return
+    import jax
+
+    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+    before = {f: getattr(jax.config, f) for f in _CACHE_FLAGS}
+    for f, v in zip(_CACHE_FLAGS, (str(directory), 0.0, 0)):
+        jax.config.update(f, v)
+    _reset_jax_cache()
+    try:
+        yield
+    finally:
+        for f, v in before.items():
+            jax.config.update(f, v)
+        _reset_jax_cache()
 
 
 class ModelPool:
@@ -303,16 +320,18 @@ def run(options: SweepOptions, workdir: str | os.PathLike, *, progress: bool = T
     """Runs every run into WORKDIR/runs/<name>/ (skipping finished ones), then the cross-run
     analysis into WORKDIR/cross_run/; returns what `sweep.json` holds. `run_pipeline` replaces
     `lmgrad.jobs.pipeline.run` (tests use it to interrupt a run)."""
-    from lmgrad.analysis import cross_run
-
-    o = options
     work = pathlib.Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
+    cache = {"auto": str(work / ".jax_cache"), "": None}.get(options.compile_cache, options.compile_cache)
+    with compile_cache(cache):
+        return _run(options, work, cache, progress, run_pipeline or pipeline_job.run)
+
+
+def _run(o: SweepOptions, work: pathlib.Path, cache: str | None, progress: bool,
+         run_pipeline: Callable[..., Any]) -> dict[str, Any]:
+    from lmgrad.analysis import cross_run
+
     runs = o.expand()
-    run_pipeline = run_pipeline or pipeline_job.run
-    cache = {"auto": str(work / ".jax_cache"), "": None}.get(o.compile_cache, o.compile_cache)
-    if cache:
-        enable_compile_cache(cache)
     record: dict[str, Any] = {"options": _plain(dataclasses.asdict(o)), "compile_cache": cache,
                               "runs": {}, "timings_s": {}}
     pool = ModelPool()
