@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from lmgrad import plan
 from lmgrad.jobs import evaluate as job
 from lmgrad.jobs.cli import main_with_clean_errors
 from lmgrad.jobs.inputs import InputOptions
@@ -19,14 +20,19 @@ from lmgrad.jobs.schema import define_flags, from_flags
 FLAGS = flags.FLAGS
 define_flags(InputOptions)
 define_flags(job.EvalOptions)
-flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+flags.DEFINE_string("workdir", None, "Output directory (unused with --dry_run).", required=True)
+plan.define_flags()
 
 
 @main_with_clean_errors
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    summary = job.run(from_flags(InputOptions), from_flags(job.EvalOptions), FLAGS.workdir)
+    inputs, options = from_flags(InputOptions), from_flags(job.EvalOptions)
+    if FLAGS.dry_run:
+        plan.dry_run("evaluate", inputs, batch_size=options.batch_size)
+        return
+    summary = job.run(inputs, options, FLAGS.workdir)
     o = summary["overall"]
     print(f"accuracy {o['accuracy']:.3f} over {o['n_pairs']} pairs in {o['n_tasks']} tasks "
           f"({summary['timing']['sentences_per_s']:.1f} sentences/s); wrote {FLAGS.workdir}/summary.json")

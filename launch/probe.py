@@ -16,6 +16,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
+from lmgrad import plan
 from lmgrad.jobs import probe as job
 from lmgrad.jobs.cli import main_with_clean_errors
 from lmgrad.jobs.inputs import InputOptions
@@ -27,7 +28,8 @@ define_flags(job.ProbeOptions)
 config_flags.DEFINE_config_file("config", None, "Optional config file (configs/probe.py[:smoke]).",
                                 lock_config=True)
 flags.DEFINE_string("target", None, "Print the auxiliary-task ranking for this task uid.")
-flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+flags.DEFINE_string("workdir", None, "Output directory (unused with --dry_run).", required=True)
+plan.define_flags()
 
 
 @main_with_clean_errors
@@ -39,6 +41,10 @@ def main(argv: list[str]) -> None:
         inputs, options = cfg.inputs, cfg.probe
     else:
         inputs, options = from_flags(InputOptions), from_flags(job.ProbeOptions)
+    if FLAGS.dry_run:
+        plan.dry_run("probe", inputs, batch_size=options.batch_size, optimizer=options.optimizer,
+                     task_batch=options.task_batch)
+        return
     result = job.run(inputs, options, FLAGS.workdir, target=FLAGS.target)
     f = result["summary"]["ftgd"]
     print(f"tuned {len(result['summary']['tasks'])} tasks: mean own Δ margin {f['mean_own_margin_gain']:.3f}, "

@@ -125,7 +125,8 @@ class ShardedRowsFn:
         manual = {"axis_names": {DATA}} if sharded else {}
         self._fn = jax.jit(jax.shard_map(counted, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)),
                                          out_specs=P(DATA), check_vma=check_vma, **manual))
-        self._replicated = ReplicaCache(mesh, shardings if sharded else None)
+        self._shardings = shardings if sharded else None
+        self._replicated = ReplicaCache(mesh, self._shardings)
 
     def inputs(self, replicated: Any, good: Any, bad: Any) -> tuple[tuple[Any, Any, Any], int]:
         """The placed (replicated, good, bad) the compiled function takes, and the real row count."""
@@ -138,6 +139,23 @@ class ShardedRowsFn:
     def lower(self, replicated: Any, good: Any, bad: Any) -> Any:
         """`jax.jit(...).lower` on these inputs (for `compile().memory_analysis()`)."""
         return self._fn.lower(*self.inputs(replicated, good, bad)[0])
+
+    def lower_shapes(self, replicated: Any, rows: int, seq_len: int) -> Any:
+        """`jax.jit(...).lower` for abstract inputs, allocating nothing: `replicated` is a tree of
+        `jax.ShapeDtypeStruct` (placed as `__call__` would place arrays), the batch `rows` pairs of
+        `seq_len` tokens (padded as `__call__` pads). For `lmgrad.plan`'s memory analysis."""
+        rows = -(-int(rows) // self._multiple) * self._multiple
+        full = NamedSharding(self.mesh, P())
+        shard = full if self._shardings is None else self._shardings(replicated)
+        # A sharding given for a subtree (the factored path's factors) applies to all its leaves.
+        shard = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shard, replicated,
+                             is_leaf=lambda x: isinstance(x, NamedSharding))
+        rep = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), replicated, shard)
+        data = NamedSharding(self.mesh, P(DATA))
+        one = {k: jax.ShapeDtypeStruct((rows, seq_len), dt, sharding=data)
+               for k, dt in (("input_ids", np.int32), ("attention_mask", np.int32), ("target_mask", np.float32))}
+        one["valid"] = jax.ShapeDtypeStruct((rows,), np.bool_, sharding=data)
+        return self._fn.lower(rep, one, dict(one))
 
     def __call__(self, replicated: Any, good: Any, bad: Any) -> Any:
         args, n = self.inputs(replicated, good, bad)
@@ -167,6 +185,11 @@ class _ParamsFn:
 
     def lower(self, params: Any, good: Any, bad: Any) -> Any:
         return self._rows_fn.lower(self._prepare(params), good, bad)
+
+    def lower_shapes(self, params: Any, rows: int, seq_len: int, prepare: Callable[[Any], Any] | None = None) -> Any:
+        """Lowered for abstract `params` (ShapeDtypeStructs) and a [rows, seq_len] batch; `prepare`
+        replaces the params → replicated-input step where that would compute (the factors)."""
+        return self._rows_fn.lower_shapes((prepare or self._prepare)(params), rows, seq_len)
 
     def __call__(self, params: Any, good: Any, bad: Any) -> Any:
         return self._rows_fn(self._prepare(params), good, bad)
@@ -231,5 +254,8 @@ def sharded_factored_fn(factored: Any, mesh: Mesh) -> Callable[[Any, Any, Any], 
     shardings = lambda rep: (param_shardings(rep[0], mesh), NamedSharding(mesh, P()))  # noqa: E731
     rows_fn = ShardedRowsFn(lambda rep, g, b: factored.core(rep[0], g, b, rep[1]), mesh, check_vma=False,
                             shardings=shardings)
-    factors = factored.factors()  # independent of the params: the cache places them once
-    return _ParamsFn(rows_fn, lambda params: (params, factors))
+    # The factors are independent of the params: generated on first use (a dry run never calls
+    # this), then cached here and placed once by the replica cache.
+    fn = _ParamsFn(rows_fn, lambda params: (params, factored.factors()))
+    fn.factored = factored
+    return fn
