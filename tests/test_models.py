@@ -76,7 +76,7 @@ VARIANTS = {
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
     # Sequences (up to 12 tokens) run past the sliding window; padded rows too.
     "gemma3_tied_softcap": lambda: _gemma3(
-        ["sliding_attention", "full_attention", "sliding_attention"], window=4, kv=2, tied=True,
+        ["sliding_attention", "full_attention"], window=4, kv=2, tied=True,
         final_logit_softcapping=3.0),
     "gemma3_untied_bias_linear_rope": lambda: _gemma3(
         ["full_attention", "sliding_attention"], window=5, kv=4, tied=False, attention_bias=True,
