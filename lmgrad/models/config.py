@@ -238,9 +238,10 @@ def gemma3_config(hf: Any) -> ModelConfig:
             rope = dict(_get(hf, "rope_scaling") or {}) if kind == "full_attention" else {}
             rope.setdefault("rope_theta", _get(hf, "rope_theta", 1e6) if kind == "full_attention"
                             else _get(hf, "rope_local_base_freq", 1e4))
-        pct = float(rope.get("partial_rotary_factor", 1.0))
-        tables[kind] = (int(head_dim * pct), *_rope_inv_freq(rope, int(head_dim * pct), int(hf.max_position_embeddings)))
-    (rotary_dim, inv_freq, att), (local_dim, local_inv, local_att) = tables["full_attention"], tables["sliding_attention"]
+        dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+        tables[kind] = (dim, *_rope_inv_freq(rope, dim, int(hf.max_position_embeddings)))
+    rotary_dim, inv_freq, att = tables["full_attention"]
+    local_dim, local_inv, local_att = tables["sliding_attention"]
     if rotary_dim != local_dim:
         raise UnsupportedModelError("gemma3 with different rotary dims for local and global layers is not supported")
     sliding = tuple(t == "sliding_attention" for t in layer_types)
