@@ -24,6 +24,8 @@ from bench.peers import TorchHookSketch, TorchVmapSketch, make_peer  # noqa: E40
 from lmgrad.grads.factored import FactoredSpec, make_factored_sketch_fn  # noqa: E402
 from lmgrad.models import build_module, convert_state_dict, from_hf_config  # noqa: E402
 
+jax.config.update("jax_default_matmul_precision", "highest")
+
 VOCAB = 53
 ARCHS = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2),
@@ -80,5 +82,3 @@ def test_peers_refuse_vector_blocks(setup):
     with pytest.raises(ValueError, match="unknown torch peer"):
         make_peer("jvp", tmodel, fn.factors(), fn.layout)
 
-
-jax.config.update("jax_default_matmul_precision", "highest")
