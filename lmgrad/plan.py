@@ -128,14 +128,14 @@ class Plan:
     def table(self) -> str:
         """The plan as the text a --dry_run prints."""
         mesh = ",".join(f"{k}:{v}" for k, v in self.mesh.items())
-        g = lambda b: f"{b / GIB:9.3f} GiB"  # noqa: E731
+        g = lambda b: f"{b / GIB:9.3f} GiB" if b >= GIB / 10 else f"{b / 2**20:9.3f} MiB"  # noqa: E731
         lines = [f"dry-run plan: {self.model} ({self.num_params / 1e9:.3g}B parameters), job={self.job}, "
                  f"method={self.method}, mesh={mesh}, seq_len={self.seq_len}, batch={self.batch_size}, "
                  f"depth={self.depth}",
                  "per device:",
                  f"  parameters   {g(self.parameters)}",
                  f"  activations  {g(self.activations)}   (compiled temp buffers)",
-                 f"  sketch       {g(self.sketch)}   (output rows + projection factors)",
+                 f"  sketch       {g(self.sketch)}   (output rows + projection factors; evaluate: scores)",
                  f"  optimizer    {g(self.optimizer)}",
                  f"  inputs       {g(self.inputs)}",
                  f"  total        {g(self.total)}   (+{self.per_row / 2**20:.2f} MiB per extra row)"]
@@ -208,8 +208,9 @@ def _measure(job: str, config: Any, mesh: Any, opts: Any, rows: int, seq_len: in
     mem = compiled.memory_analysis()
     args = int(mem.argument_size_in_bytes)
     out = int(mem.output_size_in_bytes)
-    return {"parameters": parameters, "activations": int(mem.temp_size_in_bytes),
-            "sketch": (out + sketch_state) if job == "sketch" else out,
+    # The probe's output is its gradient (parameter-shaped working memory), not a result to keep.
+    return {"parameters": parameters, "activations": int(mem.temp_size_in_bytes) + (out if job == "probe" else 0),
+            "sketch": out + sketch_state if job == "sketch" else (out if job == "evaluate" else 0),
             "inputs": max(args - parameters - sketch_state, 0),
             "optimizer": optimizer_moments * _fp32_bytes(params, shardings) if job == "probe" else 0}
 

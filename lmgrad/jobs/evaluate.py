@@ -114,7 +114,8 @@ def run(inputs: InputOptions, options: EvalOptions, workdir: str | pathlib.Path,
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tasks = inputs.select_tasks() if tasks is None else tasks
-    model = inputs.load_model() if model is None else model
+    # With an fsdp mesh the parameters arrive in their shards and jit partitions the forward by them.
+    model = inputs.load_model(inputs.make_mesh()) if model is None else model
     n_pairs = sum(len(t) for t in tasks)
     with tqdm(total=2 * n_pairs, unit="sent", desc="scoring", disable=not progress) as bar:
         records, summary = evaluate(model, tasks, batch_size=options.batch_size, bos=inputs.bos,
