@@ -76,20 +76,17 @@ def case(tmp_path_factory):
 
 
 def test_factored_sketch_equals_projected_exact_gradients(case):
-    """Every block, including the tied √d-scaled embedding and the four (1 + w) norms of each
-    block, against the float64 projection of exact per-example gradients.
-
-    The QK-norms are left out: they are applied per head, so their inputs are [B, T, H, D] and
-    lmgrad/grads/factored.py's norm branch (written for [B, T, D]) cannot reduce them yet."""
+    """Every block, including the tied √d-scaled embedding, the four (1 + w) norms of each block and
+    the per-head QK-norms (inputs [B, T, H, D]), against the float64 projection of exact
+    per-example gradients."""
     model, good, bad, grads = case
-    spec = FactoredSpec(seed=3, r_in=4, r_out=5, overrides={"mlp": (3, 6), "embed": (6, 7)},
-                        exclude=("*.q_norm.*", "*.k_norm.*"))
+    spec = FactoredSpec(seed=3, r_in=4, r_out=5, overrides={"mlp": (3, 6), "embed": (6, 7)})
     fn = make_factored_sketch_fn(model, spec)
     fast, layout = fn(model.params, good, bad)
     ref, ref_layout = project_exact(spec, fn.modules, grads)
     assert layout == ref_layout
     names = set(flatten(model.params))
-    assert {e["name"] for e in layout} == {n for n in names if "q_norm" not in n and "k_norm" not in n}
+    assert {e["name"] for e in layout} == names
     assert [e["name"] for e in layout if e.get("tied")] == ["model.embed_tokens.weight"]
-    assert sum(e["kind"] == "rmsnorm" for e in layout) == 4 + 1
+    assert sum(e["kind"] == "rmsnorm" for e in layout) == 6 + 1
     _check_blocks(fast, ref, layout)

@@ -405,8 +405,11 @@ def _module_blocks(
             out[m.weight] = s.reshape(b2 // 2, -1)
     else:  # layernorm / rmsnorm
         xh, dy = _one(inter.get(f"{m.prefix}.xhat"), m.prefix), dys[f"{m.prefix}.dy"]
-        dy = z(dy.astype(jnp.float32))
-        gw = _pair_sum(dy * xh.astype(jnp.float32))
+        # A norm applied per head (Gemma-3's QK-norm) sees [2B, T, H, D]: sum its heads like tokens.
+        xh = xh.astype(jnp.float32).reshape(*xh.shape[:2], -1, xh.shape[-1])
+        dy = dy.astype(jnp.float32).reshape(xh.shape)
+        gw = _pair_sum(z((dy * xh).sum(2)))
+        dy = z(dy.sum(2))
         exact = spec.handle_vectors == "exact"
         if m.weight in want:
             out[m.weight] = gw if exact else jnp.einsum("bd,rd->br", gw, p_out, precision=_HIGHEST)
