@@ -78,8 +78,9 @@ _BIG = r"""
 import json, sys
 from lmgrad import plan
 out = {}
-for name, mesh in (("gpt2", "data:1"), ("pythia-12b", "data:1,fsdp:4"), ("llama-3-8b", "data:1,fsdp:4")):
-    p = plan.plan(name, mesh=mesh, dtype="bfloat16", fit=False, batch_size=2, seq_len=16, depth="probe")
+# One device each: the SPMD partitioner's compile is slow, and sharded plans are checked above.
+for name, mesh in (("gpt2", "data:1"), ("pythia-12b", "data:1"), ("llama-3-8b", "data:1")):
+    p = plan.plan(name, mesh=mesh, dtype="bfloat16", fit=False, batch_size=1, seq_len=8, depth="probe")
     out[name] = p.to_dict()
     out[name]["rss"] = plan.peak_rss()
 print(json.dumps(out))
@@ -98,8 +99,7 @@ def test_big_model_plans_allocate_nothing():
         assert p["num_params"] == PUBLISHED[name], name
         fsdp = p["mesh"]["fsdp"]
         weights = 2 * p["num_params"]  # bfloat16
-        # Each device holds its 1/fsdp share (plus the few replicated small tensors).
-        assert weights / fsdp <= p["parameters"] <= weights / fsdp * 1.01, name
+        assert p["parameters"] == weights / fsdp, name
         assert p["activations"] > 0 and p["sketch"] > 0
     # The planner's own memory stays far below the weights it plans for (no weight is read or made).
     for name in ("pythia-12b", "llama-3-8b"):
