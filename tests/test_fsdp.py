@@ -10,7 +10,6 @@ takes (addressable shard shapes, and the compiled per-device argument size).
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -23,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from helpers_tokenizer import save_tiny_llama
 from lmgrad import sharding
-from lmgrad.grads import make_mesh, sharded_factored_fn, sharded_sketch_fn
+from lmgrad.grads import sharded_factored_fn, sharded_sketch_fn
 from lmgrad.grads.factored import FactoredSpec, make_factored_sketch_fn
 from lmgrad.jobs.inputs import InputOptions
 from lmgrad.models import load_model, logits_fn
@@ -56,10 +55,13 @@ def _batch(vocab, n=5, seed=0):
 
 
 def _fns(model, mesh):
+    # The exact path differentiates a subset that has tensors split along either dimension and a
+    # replicated one (fewer leaves: a shorter compile); the factored path sketches every module.
     flat = flatten(model.params)
-    shapes = {n: tuple(v.shape) for n, v in flat.items()}
+    names = [n for n in sorted(flat) if any(p in n for p in ("embed_tokens", "mlp.", "k_proj", "lm_head"))]
+    shapes = {n: tuple(flat[n].shape) for n in names}
     proj = make_projector("sjlt", 32, seed=1)
-    exact = sharded_sketch_fn(logits_fn(model), sorted(flat), lambda g: proj.project(g, shapes), mesh, chunk_size=2)
+    exact = sharded_sketch_fn(logits_fn(model), names, lambda g: proj.project(g, shapes), mesh)
     factored = sharded_factored_fn(make_factored_sketch_fn(model, FactoredSpec(seed=1, r_in=4, r_out=4)), mesh)
     return {"exact": exact, "factored": factored}
 
@@ -156,7 +158,7 @@ def test_fsdp_2x2_sketches_and_shards(ckpt, child_8, single):
             if int(np.prod(x.shape)) >= sharding.MIN_SHARD_SIZE:
                 n_split += 1
                 assert int(np.prod(next(iter(shapes)))) * k == int(np.prod(x.shape))
-        assert n_split >= 5
+        assert n_split >= 4
         held = sharding.shard_bytes(params, jax.tree.map(lambda x: x.sharding, params))
         assert held < full * (1 / k + 0.1), (held, full)
         # The compiled program's per-device arguments: the shards, the factors and the device's rows.
