@@ -72,7 +72,8 @@ def run(options: PipelineOptions, workdir: str | os.PathLike, *, progress: bool 
     n_pairs = sum(len(t) for t in tasks)
     _say(f"{len(tasks)} tasks, {n_pairs} pairs; model {o.inputs.model}")
     t = time.perf_counter()
-    model = o.inputs.load_model() if model is None else model
+    if model is None:  # with an fsdp mesh, read the weights straight into their shards
+        model = o.inputs.load_model(o.inputs.make_mesh() if o.inputs.mesh else None)
     timings["load_model"] = time.perf_counter() - t
 
     eval_dir = work / "eval"
