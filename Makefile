@@ -70,4 +70,4 @@ sweep: install
 	$(PYTHON) launch/sweep.py --config=configs/sweep.py:$(SWEEP) --workdir=runs/sweep/$(SWEEP)
 
 bench: install-test
-	$(PYTHON) bench/bench_scoring.py
+	$(PYTHON) -m bench run --suite=$(SUITE)
