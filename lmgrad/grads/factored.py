@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmgrad.grads.differential import check_pair, sanitize, as_arrays
-from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm
+from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm, unrolled
 from lmgrad.params import TYPES, block_fields, flatten, matches, param_info, select
 from lmgrad.scoring import sequence_logprob
 from lmgrad.sketch import hashing
@@ -201,6 +201,7 @@ def _flax_path_to_hf(path: Sequence[str]) -> str:
 
 def describe_modules(module: nn.Module, params: Any) -> dict[str, _Module]:
     """HF module path → description of every Linear/Conv1D/Embedding/norm module (shape-only trace)."""
+    module = unrolled(module)  # interception needs per-block module paths
     kinds: dict[str, str] = {}
     heads: set[str] = set()
 
@@ -469,7 +470,9 @@ class FactoredSketchFn:
     def __init__(self, module: nn.Module, params: Any, spec: FactoredSpec, fuse: str = "grouped"):
         if fuse not in FUSE_MODES:
             raise ValueError(f"FactoredSketchFn: fuse must be one of {FUSE_MODES}, got {fuse!r}")
-        self.module, self.spec, self.fuse = module, spec, fuse
+        # Captured x and δ are keyed by per-block module paths, so this path runs the blocks
+        # unrolled even for a scanned model (same params; `lmgrad.models.layers.unrolled`).
+        self.module, self.spec, self.fuse = unrolled(module), spec, fuse
         self.modules = describe_modules(module, params)
         entries = _entries(spec, self.modules)
         self.block_layout = _with_offsets(entries)

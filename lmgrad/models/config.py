@@ -55,6 +55,8 @@ class ModelConfig:
     local_inv_freq: tuple[float, ...] = ()
     local_rope_attention_factor: float = 1.0
     final_logit_softcapping: float | None = None
+    # Execution, not architecture: run the blocks as one `lax.scan` (`lmgrad.models.layers.run_layers`).
+    scan_layers: bool = False
 
     @property
     def family(self) -> str:

@@ -7,7 +7,16 @@ import jax
 import jax.numpy as jnp
 
 from lmgrad.models.config import ModelConfig
-from lmgrad.models.layers import CausalLM, Conv1D, Embedding, LayerNorm, activation, attention, causal_mask
+from lmgrad.models.layers import (
+    CausalLM,
+    Conv1D,
+    Embedding,
+    LayerNorm,
+    activation,
+    attention,
+    causal_mask,
+    run_layers,
+)
 
 
 class GPT2Attention(nn.Module):
@@ -15,14 +24,16 @@ class GPT2Attention(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, layer_idx: int | jax.Array | None = None) -> jax.Array:
         c = self.config
         b, t, _ = x.shape
         qkv = Conv1D(3 * c.hidden_size, name="c_attn")(x)
         q, k, v = (a.reshape(b, t, c.num_heads, c.head_dim) for a in jnp.split(qkv, 3, axis=-1))
         scale = c.head_dim**-0.5
         if c.scale_attn_by_inverse_layer_idx:
-            scale /= float(self.layer_idx + 1)
+            # A traced index when the blocks are scanned (`run_layers`), else this block's own.
+            idx = self.layer_idx if layer_idx is None else layer_idx
+            scale = scale / (idx + 1.0)
         return Conv1D(c.hidden_size, name="c_proj")(attention(q, k, v, mask, scale))
 
 
@@ -41,9 +52,10 @@ class GPT2Block(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, layer_idx: int | jax.Array | None = None) -> jax.Array:
         eps = self.config.norm_eps
-        x = x + GPT2Attention(self.config, self.layer_idx, name="attn")(LayerNorm(eps, name="ln_1")(x), mask)
+        attn = GPT2Attention(self.config, self.layer_idx, name="attn")
+        x = x + attn(LayerNorm(eps, name="ln_1")(x), mask, layer_idx)
         return x + GPT2MLP(self.config, name="mlp")(LayerNorm(eps, name="ln_2")(x))
 
 
@@ -58,11 +70,11 @@ class GPT2Model(nn.Module):
         self.ln_f = LayerNorm(c.norm_eps)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        c = self.config
         t = input_ids.shape[-1]
         x = self.wte(input_ids) + self.wpe(jnp.arange(t)[None, :])
         mask = causal_mask(attention_mask)
-        for block in self.h:
-            x = block(x, mask)
+        x = run_layers(self, "h", self.h, x, mask, pass_index=c.scale_attn_by_inverse_layer_idx)
         return self.ln_f(x)
 
     def head(self, h: jax.Array) -> jax.Array:

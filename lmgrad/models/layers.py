@@ -8,11 +8,18 @@ Every linear map records its input and exposes its output through Flax's interme
 perturbation mechanisms (`sow('intermediates', 'x', ...)` and `perturb('dy', ...)`); both are
 no-ops unless the caller asks for those collections. The factored sketch path uses them to get,
 in one batched backward, the layer inputs x and output gradients δ of every example.
+
+`run_layers` runs a family's transformer blocks either unrolled (one traced copy per block) or,
+with `ModelConfig.scan_layers`, as one `jax.lax.scan` over the blocks' parameters stacked inside
+the trace, so compile time does not grow with depth. Parameters keep their per-block HF names
+(``layers_3``) in both modes: checkpoints, selections, gradients and store layouts never see the
+stacked form.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -186,6 +193,58 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v)
     return o.reshape(b, t, h * d)
+
+
+_RECORDED = ("intermediates", "perturbations")
+
+
+def _records(module: nn.Module) -> bool:
+    """Whether this apply records per-layer collections (the factored sketch's x and δ)."""
+    return any(module.is_mutable_collection(c) or c in module.variables for c in _RECORDED)
+
+
+def unrolled(module: nn.Module) -> nn.Module:
+    """`module` with its blocks unrolled (`scan_layers=False`); the same params apply to both.
+
+    For code that addresses modules by their per-block paths (method interceptors, the factored
+    sketch's captured x and δ)."""
+    config = getattr(module, "config", None)
+    if config is None or not getattr(config, "scan_layers", False):
+        return module
+    return module.clone(config=dataclasses.replace(config, scan_layers=False))
+
+
+def run_layers(
+    parent: nn.Module, name: str, layers: Sequence[nn.Module], x: jax.Array, *args: Any,
+    pass_index: bool = False,
+) -> jax.Array:
+    """x through `layers` (the setup-defined list `parent.<name>`, children ``{name}_{i}``).
+
+    Unrolled unless `parent.config.scan_layers`. Scanned, the blocks' params are stacked to [L, ...]
+    in the trace and one block body is traced and compiled, whatever the depth; gradients flow back
+    to each block's own (HF-named) params through the stack. Initialisation and applies that record
+    'intermediates' or 'perturbations' always run unrolled, because those collections are keyed by
+    per-block module paths. `pass_index` gives each block its index as `layer_idx=` (a traced int
+    when scanned).
+    """
+    c = parent.config
+    if not c.scan_layers or len(layers) < 2 or parent.is_initializing() or _records(parent):
+        for i, layer in enumerate(layers):
+            x = layer(x, *args, layer_idx=i) if pass_index else layer(x, *args)
+        return x
+    params = parent.variables["params"]
+    per_layer = [params[f"{name}_{i}"] for i in range(len(layers))]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+    # An unbound copy of block 0's definition (blocks differ only in their params and index).
+    body_module = layers[0].clone(parent=None)
+
+    def body(h: jax.Array, xs: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
+        p, i = xs
+        kw = {"layer_idx": i} if pass_index else {}
+        return body_module.apply({"params": p}, h, *args, **kw), None
+
+    x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(len(layers))))
+    return x
 
 
 class CausalLM(nn.Module):

@@ -17,6 +17,7 @@ from lmgrad.models.layers import (
     attention,
     causal_mask,
     rope_cos_sin,
+    run_layers,
 )
 
 
@@ -73,8 +74,7 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         mask = causal_mask(attention_mask)
         cos, sin = rope_cos_sin(jnp.arange(t)[None, :], c.inv_freq, c.rope_attention_factor)
-        for layer in self.layers:
-            x = layer(x, mask, cos, sin)
+        x = run_layers(self, "layers", self.layers, x, mask, cos, sin)
         return self.norm(x)
 
     def head(self, h: jax.Array) -> jax.Array:
