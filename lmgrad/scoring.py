@@ -7,6 +7,7 @@ conditioned on something and is scored too; see `lmgrad.tasks.batching.bos_id`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -26,8 +27,13 @@ def sequence_logprob(logits: jax.Array, input_ids: jax.Array, target_mask: jax.A
     return jnp.sum(token_logprobs(logits, input_ids) * target_mask, axis=-1)
 
 
+@functools.lru_cache(maxsize=16)
 def make_score_fn(apply_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """jit-compiled (params, input_ids, attention_mask, target_mask) → log-prob per row [B]."""
+    """jit-compiled (params, input_ids, attention_mask, target_mask) → log-prob per row [B].
+
+    Cached per `apply_fn`: with `lmgrad.models.logits_fn` (one function per architecture), models of
+    one architecture share one jitted function and its compiled bucket shapes.
+    """
 
     @jax.jit
     def score(params: Any, input_ids: jax.Array, attention_mask: jax.Array, target_mask: jax.Array) -> jax.Array:
@@ -51,10 +57,9 @@ def score_sequences(
     from lmgrad.models.loading import logits_fn
     from lmgrad.tasks.batching import iter_bucketed
 
-    # One compiled function per model, so repeated calls reuse the compiled bucket shapes.
-    score = model.__dict__.get("_score_fn")
-    if score is None:
-        score = model.__dict__["_score_fn"] = make_score_fn(logits_fn(model))
+    # One jitted function per architecture (both cached), so repeated calls, and other checkpoints
+    # of the same architecture, reuse the compiled bucket shapes.
+    score = make_score_fn(logits_fn(model))
     out = np.full(len(seqs), np.nan, dtype=np.float64)
     for batch in iter_bucketed(
         seqs, batch_size=batch_size, score_from=score_from, max_len=model.max_length

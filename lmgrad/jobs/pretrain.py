@@ -198,9 +198,11 @@ def _compiled(config: Any, optimizer_args: tuple[Any, ...], compute_dtype: str) 
     cached so that runs in one process (a resume, a test session) compile once."""
     import jax.numpy as jnp
 
+    from lmgrad.compilation import enable_compilation_cache
     from lmgrad.models.loading import build_module
     from lmgrad.pretrain import train as pt
 
+    enable_compilation_cache()
     lr, warmup, steps, min_lr_ratio, weight_decay, clip_norm = optimizer_args
     module = build_module(config)
     tx = pt.optimizer(lr, warmup, steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, clip_norm=clip_norm)

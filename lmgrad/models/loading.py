@@ -21,6 +21,7 @@ is an error naming the tensor and the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmgrad.compilation import enable_compilation_cache
 from lmgrad.io import sha256_file
 from lmgrad.models.config import ModelConfig, UnsupportedModelError, from_hf_config
 from lmgrad.models.gemma3 import Gemma3ForCausalLM
@@ -43,6 +45,11 @@ from lmgrad.params import flatten, head_weight, unflatten
 # Re-exported for importers outside lmgrad.models until they import lmgrad.params directly.
 
 DEFAULT_SPEC = "smollm2"
+# `load_model`'s default for `scan_layers`: "1" in this variable turns scanning on. Off by default:
+# on XLA:CPU scanning saves the tracing and lowering time of every block but not XLA's own compile
+# time (it reuses identical kernels of unrolled blocks), and a scanned step ran up to ~15% slower
+# (bench/results/compile.json).
+SCAN_ENV_VAR = "LMGRAD_SCAN_LAYERS"
 
 _FAMILIES: dict[str, type[nn.Module]] = {
     "gpt2": GPT2LMHeadModel,
@@ -207,14 +214,21 @@ def load_model(
     *,
     dtype: str | Any = "float32",
     tokenizer: bool = True,
+    scan_layers: bool | None = None,
 ) -> LoadedModel:
-    """Loads a model from a spec string (see module docstring) with params in `dtype`."""
+    """Loads a model from a spec string (see module docstring) with params in `dtype`.
+
+    `scan_layers` runs the transformer blocks as one `lax.scan` (tracing and lowering independent
+    of depth; `lmgrad.models.layers.run_layers`); None: on iff ``$LMGRAD_SCAN_LAYERS`` is ``1``.
+    Params are HF-named per block either way.
+    """
     from transformers import AutoConfig
 
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     provenance: dict[str, Any] = {"spec": spec, "dtype": str(dtype)}
+    enable_compilation_cache()  # before this model's first jit, so its compiles are cached on disk
     from lmgrad.models import fetch
 
     if spec in fetch.PACKAGES or spec == "default":
@@ -256,6 +270,10 @@ def load_model(
         tok = _load_tokenizer(directory, required=False) if tokenizer else None
         source = str(directory)
     config = _config_or_raise(hf_config, source)
+    scan = os.environ.get(SCAN_ENV_VAR, "0") == "1" if scan_layers is None else bool(scan_layers)
+    # Not in `provenance`: an execution choice (results agree to float32 rounding), like the device
+    # count, so a store's resume check does not refuse a run that scans differently.
+    config = dataclasses.replace(config, scan_layers=scan)
     params = convert_state_dict(state_dict, config, source=source, dtype=dtype)
     if tok is not None:
         provenance["tokenizer"] = {
@@ -279,9 +297,17 @@ def load_model(
 
 
 def logits_fn(model: LoadedModel) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """A pure function (params, input_ids, attention_mask) → logits, for jit/vmap/grad."""
-    module = model.module
+    """A pure function (params, input_ids, attention_mask) → logits, for jit/vmap/grad.
 
+    The same function object for every model with an equal module (same config): jitted functions
+    built on it (`lmgrad.scoring.make_score_fn`) then reuse their compiled executables across
+    checkpoints of one architecture.
+    """
+    return _module_logits_fn(model.module)
+
+
+@functools.lru_cache(maxsize=32)
+def _module_logits_fn(module: nn.Module) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     def f(params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         return module.apply({"params": params}, input_ids, attention_mask)
 
