@@ -73,8 +73,8 @@ class GPT2Model(nn.Module):
         c = self.config
         t = input_ids.shape[-1]
         x = self.wte(input_ids) + self.wpe(jnp.arange(t)[None, :])
-        mask = causal_mask(attention_mask)
-        x = run_layers(self, "h", self.h, x, mask, pass_index=c.scale_attn_by_inverse_layer_idx)
+        x = run_layers(self, "h", self.h, x, lambda _: (causal_mask(attention_mask),),
+                       pass_index=c.scale_attn_by_inverse_layer_idx)
         return self.ln_f(x)
 
     def head(self, h: jax.Array) -> jax.Array:

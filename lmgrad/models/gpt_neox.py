@@ -77,9 +77,11 @@ class GPTNeoXModel(nn.Module):
         c = self.config
         t = input_ids.shape[-1]
         x = self.embed_in(input_ids)
-        mask = causal_mask(attention_mask)
-        cos, sin = rope_cos_sin(jnp.arange(t)[None, :], c.inv_freq, c.rope_attention_factor)
-        x = run_layers(self, "layers", self.layers, x, mask, cos, sin)
+        def block_args(_):
+            return (causal_mask(attention_mask),
+                    *rope_cos_sin(jnp.arange(t)[None, :], c.inv_freq, c.rope_attention_factor))
+
+        x = run_layers(self, "layers", self.layers, x, block_args)
         return self.final_layer_norm(x)
 
     def head(self, h: jax.Array) -> jax.Array:
