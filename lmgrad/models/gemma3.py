@@ -7,7 +7,8 @@ in the compute dtype, and the final logits may be softcapped, as transformers do
 Llama's (gate/up/down, no bias). HF parameter names are Llama's plus the extra norms.
 
 Every block has the same parameters whatever its attention kind; the model picks the mask and the
-RoPE tables per layer from `ModelConfig.sliding_layers`, so the stack stays regular.
+RoPE tables per layer from `ModelConfig.sliding_layers`, so the stack stays regular (and can run as
+one scan: `lmgrad.models.layers.run_layers`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lmgrad.models.layers import (
     attention,
     causal_mask,
     rope_cos_sin,
+    run_layers,
     sliding_causal_mask,
 )
 from lmgrad.models.llama import LlamaMLP
@@ -85,14 +87,21 @@ class Gemma3TextModel(nn.Module):
         # After the lookup (not inside it), so the lookup's δ stays the embedding table's gradient.
         x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
         positions = jnp.arange(t)[None, :]
-        full = (causal_mask(attention_mask),
-                *rope_cos_sin(positions, c.inv_freq, c.rope_attention_factor))
-        local = full
-        if any(c.sliding_layers):
+        if len(c.sliding_layers) != len(self.layers):
+            raise ValueError(f"gemma3: {len(c.sliding_layers)} sliding_layers flags for {len(self.layers)} layers")
+
+        def block_args(i):
+            full = (causal_mask(attention_mask), *rope_cos_sin(positions, c.inv_freq, c.rope_attention_factor))
+            if not any(c.sliding_layers):
+                return full
             local = (sliding_causal_mask(attention_mask, c.sliding_window),
                      *rope_cos_sin(positions, c.local_inv_freq, c.local_rope_attention_factor))
-        for layer, sliding in zip(self.layers, c.sliding_layers, strict=True):
-            x = layer(x, *(local if sliding else full))
+            if isinstance(i, int):  # unrolled
+                return local if c.sliding_layers[i] else full
+            sliding = jnp.asarray(c.sliding_layers)[i]  # scanned: i is traced
+            return tuple(jnp.where(sliding, a, b) for a, b in zip(local, full))
+
+        x = run_layers(self, "layers", self.layers, x, block_args)
         return self.norm(x)
 
     def head(self, h: jax.Array) -> jax.Array:

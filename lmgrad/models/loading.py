@@ -46,9 +46,9 @@ from lmgrad.params import flatten, head_weight, unflatten
 
 DEFAULT_SPEC = "smollm2"
 # `load_model`'s default for `scan_layers`: "1" in this variable turns scanning on. Off by default:
-# on XLA:CPU scanning saves the tracing and lowering time of every block but not XLA's own compile
-# time (it reuses identical kernels of unrolled blocks), and a scanned step ran up to ~15% slower
-# (bench/results/compile.json).
+# on XLA:CPU scanning cuts tracing and lowering (8-9x) but not XLA's own compile time, so the
+# per-example differential of SmolLM2-135M compiled 1.5x faster and the forward no faster, with run
+# times within noise (bench/results/compile.json, bench/README.md).
 SCAN_ENV_VAR = "LMGRAD_SCAN_LAYERS"
 
 _FAMILIES: dict[str, type[nn.Module]] = {
