@@ -164,11 +164,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x_rot * c + rotated * s, x_pass], axis=-1)
 
 
+def _band_mask(band: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """[B, 1, T, T]: band[t, s] (0/1) and key s not padding (attention_mask > 0).
+
+    Written as min(band, mask) > 0 (equal for any real or integer mask) rather than a boolean
+    `and` of two broadcasts: XLA:CPU took tens of seconds to compile that `and` as a kernel of its
+    own, which it becomes when hoisted out of a scanned layer stack (bench/README.md)."""
+    am = attention_mask.astype(jnp.int32) if attention_mask.dtype == jnp.bool_ else attention_mask
+    return jnp.minimum(band.astype(am.dtype)[None, None], am[:, None, None, :]) > 0
+
+
 def causal_mask(attention_mask: jax.Array) -> jax.Array:
     """[B, 1, T, T] boolean: query t sees key s iff s ≤ t and s is not padding."""
     t = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    return causal[None, None] & (attention_mask[:, None, None, :] > 0)
+    return _band_mask(jnp.tril(jnp.ones((t, t), jnp.int32)), attention_mask)
 
 
 def sliding_causal_mask(attention_mask: jax.Array, window: int) -> jax.Array:
@@ -176,8 +185,8 @@ def sliding_causal_mask(attention_mask: jax.Array, window: int) -> jax.Array:
     (transformers' `sliding_window_overlay`: the window counts the query itself)."""
     t = attention_mask.shape[-1]
     pos = jnp.arange(t)
-    near = pos[None, :] > pos[:, None] - window
-    return causal_mask(attention_mask) & near[None, None]
+    band = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    return _band_mask(band, attention_mask)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
