@@ -237,9 +237,8 @@ def run_layers(
     body). Initialisation and applies that record 'intermediates' or 'perturbations' always run
     unrolled, because those collections are keyed by per-block module paths.
 
-    On XLA:CPU the scanned stack does not compile faster than the unrolled one: XLA hoists the
-    loop-invariant [B, 1, T, T] mask out of the loop into a kernel of its own, which LLVM took
-    14.5 s of a 25 s compile to optimise, where unrolled it is fused into its consumers.
+    On XLA:CPU (SmolLM2-135M) this cut the forward's total compile time 2.6x and the per-example
+    differential's 1.5x, whose XLA backend compile stays about the same (bench/README.md).
     """
     c = parent.config
     n = len(layers)

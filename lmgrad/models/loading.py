@@ -45,10 +45,10 @@ from lmgrad.params import flatten, head_weight, unflatten
 # Re-exported for importers outside lmgrad.models until they import lmgrad.params directly.
 
 DEFAULT_SPEC = "smollm2"
-# `load_model`'s default for `scan_layers`: "1" in this variable turns scanning on. Off by default:
-# on XLA:CPU scanning cuts tracing and lowering (8-9x) but not XLA's own compile time, so the
-# per-example differential of SmolLM2-135M compiled 1.5x faster and the forward no faster, with run
-# times within noise (bench/results/compile.json, bench/README.md).
+# `load_model`'s default for `scan_layers`: "1" in this variable turns scanning on. Off by default
+# until measured on an accelerator and a quiet CPU: on 2 loaded CPU cores it cut SmolLM2-135M's
+# compile time 2.6x (forward) and 1.5x (per-example differential), run times within noise
+# (bench/results/compile.json, bench/README.md).
 SCAN_ENV_VAR = "LMGRAD_SCAN_LAYERS"
 
 _FAMILIES: dict[str, type[nn.Module]] = {
