@@ -172,9 +172,9 @@ def load_sharded(spec: str, mesh: Mesh, *, dtype: str | Any = "float32", tokeniz
     if path.is_dir():
         directory = path
     elif re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", spec) and not path.exists():
-        from lmgrad.models.loading import _resolve_hub  # the loader's one hub resolution
+        from lmgrad.models.loading import resolve_hub  # the loader's one hub resolution
 
-        directory = _resolve_hub(spec)
+        directory = resolve_hub(spec)
         provenance["revision"] = spec.partition("@")[2] or "main"
     else:
         raise CheckpointError(f"{spec}: sharded loading needs a safetensors directory or hub id (org/name[@rev])")

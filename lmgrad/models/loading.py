@@ -173,7 +173,7 @@ def _read_safetensors(directory: pathlib.Path) -> tuple[dict[str, Any], list[pat
     return tensors, files
 
 
-def _resolve_hub(spec: str) -> pathlib.Path:
+def resolve_hub(spec: str) -> pathlib.Path:
     repo_id, _, revision = spec.partition("@")
     try:
         from huggingface_hub import snapshot_download
@@ -251,7 +251,7 @@ def load_model(
         if spec_path.is_dir():
             directory = spec_path
         elif re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", spec) and not spec_path.exists():
-            directory = _resolve_hub(spec)
+            directory = resolve_hub(spec)
             provenance["revision"] = spec.partition("@")[2] or "main"
         else:
             raise CheckpointError(f"{spec}: not a directory, .gguf file or hub id (org/name[@revision])")
