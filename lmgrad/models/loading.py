@@ -174,6 +174,7 @@ def _read_safetensors(directory: pathlib.Path) -> tuple[dict[str, Any], list[pat
 
 
 def resolve_hub(spec: str) -> pathlib.Path:
+    """The local snapshot directory of a hub id `org/name[@revision]` (downloaded if needed)."""
     repo_id, _, revision = spec.partition("@")
     try:
         from huggingface_hub import snapshot_download
