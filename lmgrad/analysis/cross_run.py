@@ -410,7 +410,7 @@ def _p(t: Mapping[str, Any]) -> str:
     if "p_perm" not in t:
         return "too few runs for a permutation test"
     return (f"Spearman ρ = {_fmt(t['spearman'], 2)}, run-level permutation p = {_fmt(t['p_perm'], 3)} "
-            f"(smallest attainable with {t['n_runs']} runs: {_fmt(t['p_floor'], 3)})")
+            f"(smallest attainable with {t['n_runs']} runs: {t['p_floor']:.2g})")
 
 
 def analyze(records: Sequence[RunRecord], out_dir: str | os.PathLike, *, n_boot: int = 200, seed: int = 0,
