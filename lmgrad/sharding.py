@@ -19,7 +19,6 @@ The rules table (`RULES`, first match wins, over a parameter's HF name and shape
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -167,17 +166,15 @@ def load_sharded(spec: str, mesh: Mesh, *, dtype: str | Any = "float32", tokeniz
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
-    path = pathlib.Path(os.path.expanduser(spec))
-    provenance: dict[str, Any] = {"spec": spec, "dtype": str(dtype)}
-    if path.is_dir():
-        directory = path
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", spec) and not path.exists():
-        from lmgrad.models.loading import resolve_hub  # the loader's one hub resolution
+    from lmgrad.models.loading import checkpoint_directory  # the loader's one spec resolution
 
-        directory = resolve_hub(spec)
-        provenance["revision"] = spec.partition("@")[2] or "main"
-    else:
+    provenance: dict[str, Any] = {"spec": spec, "dtype": str(dtype)}
+    found = checkpoint_directory(spec)
+    if found is None:
         raise CheckpointError(f"{spec}: sharded loading needs a safetensors directory or hub id (org/name[@rev])")
+    directory, revision = found
+    if revision is not None:
+        provenance["revision"] = revision
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json")
     hf_config = AutoConfig.from_pretrained(str(directory))

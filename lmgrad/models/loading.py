@@ -173,6 +173,17 @@ def _read_safetensors(directory: pathlib.Path) -> tuple[dict[str, Any], list[pat
     return tensors, files
 
 
+def checkpoint_directory(spec: str) -> tuple[pathlib.Path, str | None] | None:
+    """(directory, hub revision or None) of a Hugging Face checkpoint spec: a local directory, or a
+    hub id `org/name[@revision]` resolved to its snapshot; None when `spec` is neither."""
+    path = pathlib.Path(os.path.expanduser(spec))
+    if path.is_dir():
+        return path, None
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", spec) and not path.exists():
+        return resolve_hub(spec), spec.partition("@")[2] or "main"
+    return None
+
+
 def resolve_hub(spec: str) -> pathlib.Path:
     """The local snapshot directory of a hub id `org/name[@revision]` (downloaded if needed)."""
     repo_id, _, revision = spec.partition("@")
@@ -249,13 +260,12 @@ def load_model(
         provenance["format"] = "gguf"
         source = str(spec_path)
     else:
-        if spec_path.is_dir():
-            directory = spec_path
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", spec) and not spec_path.exists():
-            directory = resolve_hub(spec)
-            provenance["revision"] = spec.partition("@")[2] or "main"
-        else:
+        found = checkpoint_directory(spec)
+        if found is None:
             raise CheckpointError(f"{spec}: not a directory, .gguf file or hub id (org/name[@revision])")
+        directory, revision = found
+        if revision is not None:
+            provenance["revision"] = revision
         cfg_file = directory / "config.json"
         if not cfg_file.exists():
             raise CheckpointError(f"{directory}: no config.json")
