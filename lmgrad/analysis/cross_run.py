@@ -11,13 +11,21 @@ compared, and how its uncertainty is measured:
   `estimators.resampled_spaces`). Two runs' spaces share their pairs' noise; the joint draw keeps
   that dependence in every statistic that compares them.
 * RSA between two runs: the Pearson (or Spearman) correlation of their off-diagonal unbiased
-  similarities. Pair noise attenuates it; the default **basic** bootstrap interval
-  (2·estimate − quantiles of the replicates) carries the first-order correction for that bias, and
-  its coverage of a planted population RSA is checked by simulation (tests/test_sweep.py).
+  similarities. Pair noise attenuates it. With the default **basic** bootstrap interval
+  (2·estimate − quantiles of the replicates) the reported RSA is the matching bias-corrected
+  estimate 2·raw − mean(replicates) (the raw correlation is kept as `rsa_raw`): resampling adds
+  noise of the same size again, so the replicates' shortfall estimates the raw estimate's. The
+  interval is centred on the corrected estimate, never on the raw one, which it can exclude when
+  the attenuation is large. Bias and coverage against a planted population RSA are checked by
+  simulation (tests/test_sweep.py).
 * Noise ceiling: each run's split-half reliability (Spearman–Brown, `estimators.split_half`); for two
   runs √(rel_a·rel_b) is the RSA two noisy copies of one population space would reach with
-  independent noise. Shared pairs make noise correlated across runs, so an RSA above its ceiling
-  is possible and reads as "indistinguishable at this sample size".
+  independent noise. Runs of one sweep share their pairs, so their noise is correlated and an RSA
+  can exceed that ceiling. The **disattenuated RSA** avoids it: over random halvings of every
+  task's pairs, run a's space on one half is correlated with run b's on the other (disjoint pairs,
+  so independent noise), and divided by √(r_aa·r_bb), the same cross-half correlation of each run
+  with itself (Spearman's correction for attenuation). It estimates the RSA of the two population
+  spaces: about 1 for one space seen twice, whatever the noise shares.
 * Per run: the taxonomy fit controlled for surface similarity, read from the run's
   `task_space/stats.json` (not recomputed); within-category sharing (mean unbiased similarity of
   task pairs in the same category minus different categories) and BLiMP accuracy, with bootstrap
@@ -185,6 +193,9 @@ class Comparison:
     rsa_reps: np.ndarray             # [B, R, R]
     reliability: np.ndarray          # [R] split-half Spearman–Brown
     ceiling: np.ndarray              # [R, R] √(rel_a rel_b)
+    rsa_raw: np.ndarray              # [R, R] plain correlation (before the bias correction)
+    cross_half: np.ndarray           # [R, R] mean correlation of a's half-space with b's other half
+    disattenuated: np.ndarray        # [R, R] cross_half[a, b] / √(cross_half[a, a] cross_half[b, b])
     method: str
     interval: str
     alpha: float
@@ -203,20 +214,66 @@ def compare(ys: Sequence[np.ndarray], task_labels: np.ndarray, names: Sequence[s
     r = len(ys)
     off = [_upper(s) for s in sims]
     off_b = [_upper(s) for s in reps]
-    rsa = np.eye(r)
+    raw, rsa = np.eye(r), np.eye(r)
     rsa_reps = np.ones((n_boot, r, r))
     low, high = np.eye(r), np.eye(r)
     for a, b in itertools.combinations(range(r), 2):
-        rsa[a, b] = rsa[b, a] = correlation(off[a], off[b], method)
+        raw[a, b] = raw[b, a] = correlation(off[a], off[b], method)
         rb = np.array([correlation(off_b[a][k], off_b[b][k], method) for k in range(n_boot)])
         rsa_reps[:, a, b] = rsa_reps[:, b, a] = rb
-        low[a, b], high[a, b] = interval(rsa[a, b], rb, alpha, interval_kind, (-1.0, 1.0))
+        rsa[a, b] = rsa[b, a] = bias_corrected(raw[a, b], rb) if interval_kind == "basic" else raw[a, b]
+        low[a, b], high[a, b] = interval(raw[a, b], rb, alpha, interval_kind, (-1.0, 1.0))
         low[b, a], high[b, a] = low[a, b], high[a, b]
     rel = np.array([split_half(y, task_labels, n_splits=n_splits, seed=seed).spearman_brown for y in ys])
     with np.errstate(invalid="ignore"):
         ceiling = np.sqrt(np.clip(np.outer(rel, rel), 0, None))
-    return Comparison(list(names), tasks, sims, reps, rsa, low, high, rsa_reps, rel, ceiling, method,
-                      interval_kind, alpha)
+    ch = cross_half(ys, idx, n_splits=n_splits, seed=seed, method=method)
+    d = np.sqrt(np.clip(np.diag(ch), 0, None))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dis = np.where(np.outer(d, d) > 0, ch / np.outer(d, d), np.nan)
+    return Comparison(list(names), tasks, sims, reps, rsa, low, high, rsa_reps, rel, ceiling, raw, ch, dis,
+                      method, interval_kind, alpha)
+
+
+def bias_corrected(est: float, reps: np.ndarray) -> float:
+    """2·est − mean(replicates), clipped to [-1, 1]: the point estimate the basic interval is
+    centred on (the raw estimate when too few replicates are finite)."""
+    reps = np.asarray(reps, float)
+    reps = reps[np.isfinite(reps)]
+    if not np.isfinite(est) or len(reps) < 10:
+        return float(est)
+    return float(np.clip(2 * est - reps.mean(), -1.0, 1.0))
+
+
+def cross_half(ys: Sequence[np.ndarray], task_idx: np.ndarray, *, n_splits: int = 20, seed: int = 0,
+               method: str = "pearson") -> np.ndarray:
+    """[R, R] mean over random halvings of every task's pairs of the correlation between run a's
+    task space on one half and run b's on the other (both orders); the diagonal is each run's
+    half-sample reliability. Disjoint halves make the two spaces' noise independent even where the
+    runs share pairs."""
+    rng = np.random.default_rng(seed + 7919)
+    t = int(task_idx.max()) + 1
+    members = [np.flatnonzero(task_idx == i) for i in range(t)]
+    r = len(ys)
+    acc, cnt = np.zeros((r, r)), np.zeros((r, r))
+    for _ in range(n_splits):
+        half = np.zeros(len(task_idx), bool)
+        for mb in members:
+            half[rng.permutation(mb)[: len(mb) // 2]] = True
+        offs = []
+        for h in (half, ~half):
+            ones = np.ones((1, int(h.sum())))
+            offs.append([_upper(weighted_spaces(y[h], task_idx[h], ones)[0]) for y in ys])
+        for a in range(r):
+            for b in range(a, r):
+                vals = [correlation(offs[0][a], offs[1][b], method), correlation(offs[1][a], offs[0][b], method)]
+                vals = [v for v in vals if np.isfinite(v)]
+                if vals:
+                    acc[a, b] += np.mean(vals)
+                    cnt[a, b] += 1
+    with np.errstate(invalid="ignore"):
+        out = np.where(cnt > 0, acc / np.where(cnt > 0, cnt, 1), np.nan)
+    return np.triu(out) + np.triu(out, 1).T
 
 
 def planted_runs(n_tasks: int = 10, n_pairs: int = 20, k: int = 64, *, rank: int = 4, mix: float = 0.5,
@@ -495,7 +552,8 @@ def analyze(records: Sequence[RunRecord], out_dir: str | os.PathLike, *, n_boot:
         for a, b in zip(g[:-1], g[1:]):
             cons.append({"from": records[a].name, "to": records[b].name, "rsa": float(comp.rsa[a, b]),
                          "interval": [float(comp.rsa_low[a, b]), float(comp.rsa_high[a, b])],
-                         "ceiling": float(comp.ceiling[a, b])})
+                         "ceiling": float(comp.ceiling[a, b]), "rsa_raw": float(comp.rsa_raw[a, b]),
+                         "disattenuated": float(comp.disattenuated[a, b])})
         pts = np.array([c["rsa"] for c in cons])
         for j, c in enumerate(cons):
             others = np.delete(pts, j)
@@ -505,6 +563,7 @@ def analyze(records: Sequence[RunRecord], out_dir: str | os.PathLike, *, n_boot:
         claim3[size] = {"consecutive": cons, "min_rsa": float(np.nanmin(pts)) if np.isfinite(pts).any() else None,
                         "first_last_rsa": float(comp.rsa[g[0], g[-1]]),
                         "first_last_interval": [float(comp.rsa_low[g[0], g[-1]]), float(comp.rsa_high[g[0], g[-1]])],
+                        "first_last_disattenuated": float(comp.disattenuated[g[0], g[-1]]),
                         "sharp_drops": [f"{c['from']} → {c['to']}" for c in cons if c["sharp_drop"]]}
 
     stats = {
@@ -514,7 +573,9 @@ def analyze(records: Sequence[RunRecord], out_dir: str | os.PathLike, *, n_boot:
                      "resampling": "joint stratified bootstrap of pair IDs (one draw per replicate, every run)"},
         "rsa": {"names": comp.names, "matrix": comp.rsa.tolist(), "low": comp.rsa_low.tolist(),
                 "high": comp.rsa_high.tolist(), "ceiling": comp.ceiling.tolist(),
-                "reliability": comp.reliability.tolist()},
+                "reliability": comp.reliability.tolist(), "raw": comp.rsa_raw.tolist(),
+                "estimate": "bias-corrected (2·raw − mean of replicates)" if interval == "basic" else "raw",
+                "cross_half": comp.cross_half.tolist(), "disattenuated": comp.disattenuated.tolist()},
         "claims": {"size_generalisation": claim1, "distributed_over_training": claim2,
                    "stability_over_training": claim3},
     }
@@ -659,14 +720,18 @@ def _report(s: Mapping[str, Any], figs: Sequence[str]) -> str:
         lines.append("Not testable here: no size has >= 2 checkpoints.")
     for size, c in c3.items():
         cons = "; ".join(f"{x['from'].split('@')[-1]}→{x['to'].split('@')[-1]} {x['rsa']:.2f}{_ci(x['interval'])}"
-                         f" (ceiling {_fmt(x['ceiling'], 2)})" for x in c["consecutive"])
+                         f" (disattenuated {_fmt(x.get('disattenuated'), 2)})" for x in c["consecutive"])
         drops = ", ".join(c["sharp_drops"]) or "none"
         lines.append(f"- {size}: consecutive-checkpoint RSA {cons}. First vs last "
-                     f"{_fmt(c['first_last_rsa'], 2)}{_ci(c['first_last_interval'])}. Sharp drops "
+                     f"{_fmt(c['first_last_rsa'], 2)}{_ci(c['first_last_interval'])} (disattenuated "
+                     f"{_fmt(c.get('first_last_disattenuated'), 2)}). Sharp drops "
                      f"(interval wholly below the median of the other transitions): {drops}.")
-    lines += ["", "Reading RSA: the ceiling √(rel_a·rel_b) is what two noisy copies of one population space "
-              "would reach with independent noise; an RSA near its ceiling means 'not distinguishable at "
-              "this sample size', far below it means the task spaces differ. Checkpoints share their pairs, "
-              "so their noise is correlated and an RSA may exceed the ceiling.", ""]
+    lines += ["", "Reading RSA: the RSA is the bias-corrected correlation of two runs' unbiased similarities "
+              "(pair noise attenuates the raw one), with its bootstrap interval. The disattenuated RSA "
+              "correlates one run's space on half of every task's pairs with the other run's on the other "
+              "half, divided by each run's own cross-half correlation: it estimates the RSA of the "
+              "population spaces (about 1 if two runs have one task space, however noisy), and unlike the "
+              "independent-noise ceiling √(rel_a·rel_b) it is not inflated by the pairs the runs share. "
+              "Below about 0.9 it says the spaces differ; it is noisy when a run's reliability is low.", ""]
     lines += [f"![{f}]({f})" for f in figs]
     return "\n".join(lines) + "\n"

@@ -238,12 +238,18 @@ def _check_recorded(run: RunSpec, path: pathlib.Path, recorded: Any, expected: A
             + ". Use another sweep directory, or delete the run's directory to redo it.")
 
 
+# How the layers are executed, not what they compute: a run may resume with another setting.
+EXECUTION_FIELDS = ("scan_layers",)
+
+
 def architecture(model: Any) -> dict[str, Any]:
-    """What must match for a run's rows to come from one architecture (its ModelConfig)."""
-    return _plain(dataclasses.asdict(model.config))
+    """What must match for a run's rows to come from one architecture (its ModelConfig, less the
+    execution-only fields)."""
+    return {k: v for k, v in _plain(dataclasses.asdict(model.config)).items() if k not in EXECUTION_FIELDS}
 
 
 def _check_architecture(run: RunSpec, path: pathlib.Path, recorded: dict[str, Any], model: Any) -> None:
+    recorded = {k: v for k, v in recorded.items() if k not in EXECUTION_FIELDS}
     diffs = _diff(recorded, architecture(model))
     if diffs:
         raise SweepMismatchError(
