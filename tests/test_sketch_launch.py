@@ -4,6 +4,7 @@ input is refused with a reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import signal
@@ -167,36 +168,75 @@ def test_nan_differential_names_the_pair(model, tmp_path):
     assert len(st) == 0
 
 
-def test_two_processes_distributed_equal_one(ckpt, model, tmp_path):
+def _assert_same_rows(ref, got):
+    """Row for row (order included), meta included, as an uninterrupted single-process run."""
+    assert got.complete and len(got) == len(ref)
+    np.testing.assert_allclose(got.sketches, ref.sketches, rtol=1e-5, atol=1e-6)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "process"} for r in recs]  # noqa: E731
+    assert strip(got.meta_records()) == strip(ref.meta_records())
+
+
+def test_two_processes_killed_resume_as_one_and_the_reverse(ckpt, model, tmp_path):
+    # One process killed after a batch; resumed as two jax.distributed processes (127.0.0.1), both
+    # killed after a batch each; resumed as one process. Every pair ends up exactly once, in the
+    # order and with the values of an uninterrupted single-process run.
     import socket
 
+    opts = SketchOptions(projector="sjlt", k=64, batch_size=2)
+    tasks = select_tasks(TASKS, max_pairs_per_task=3)
+    sketch_pairs(model, tasks, tmp_path / "single", opts)
+    single = lstore.open(tmp_path / "single")
+    assert len(single) == 9
+
+    work = tmp_path / "multi"
+    sketch_pairs(model, tasks, work, opts, max_batches=1)
+    assert len(lstore.open(work)) == 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    work = tmp_path / "multi"
     procs = []
     for i in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         cmd = [sys.executable, str(ROOT / "launch/sketch.py"), f"--model={ckpt}", f"--tasks={TASKS}",
                "--max_pairs_per_task=3", "--projector=sjlt", "--k=64", "--batch_size=2", "--distributed",
-               f"--workdir={work}"]
+               "--resume", "--max_batches=1", f"--workdir={work}"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    assert sorted(d.name for d in work.iterdir()) == ["process-00000", "process-00001"]
-    multi = lstore.open(work)
-    assert multi.complete and len(multi) == 9
-    assert {len(p) for p in multi.parts} == {4, 5}
+    assert sorted(d.name for d in work.iterdir() if d.is_dir()) == ["process-00000-g1", "process-00001-g1", "shards"]
+    partial = lstore.open(work)
+    assert isinstance(partial, lstore.MultiStore) and not partial.complete
+    assert [len(p) for p in partial.parts] == [2, 2, 2] and partial.total_rows == 9
 
-    tasks = select_tasks(TASKS, max_pairs_per_task=3)
-    sketch_pairs(model, tasks, tmp_path / "single", SketchOptions(projector="sjlt", k=64, batch_size=2))
+    sketch_pairs(model, tasks, work, opts, resume=True)  # one process again: generation 2
+    _assert_same_rows(single, lstore.open(work))
+
+
+def test_resume_on_other_process_counts_in_process(model, tmp_path):
+    # The same deal without subprocesses: 2 processes killed → 3 → 1, and batches of another size
+    # refused by name.
+    opts = SketchOptions(projector="sjlt", k=32, batch_size=2)
+    tasks = select_tasks("blimp:passive_1,wh_island", max_pairs_per_task=7)
+    sketch_pairs(model, tasks, tmp_path / "single", opts)
     single = lstore.open(tmp_path / "single")
-    by_key = {(u, p): r for u, p, r in zip(single.meta["UID"], single.meta["pairID"], single.sketches)}
-    assert len(by_key) == 9
-    for u, p, r in zip(multi.meta["UID"], multi.meta["pairID"], multi.sketches):
-        np.testing.assert_allclose(r, by_key[(u, p)], rtol=1e-5, atol=1e-6)
+    work = tmp_path / "w"
+    for i in range(2):
+        sketch_pairs(model, tasks, work, opts, max_batches=1 + i, process_index=i, process_count=2)
+    for i in range(3):
+        sketch_pairs(model, tasks, work, opts, resume=True, max_batches=1, process_index=i, process_count=3)
+    mid = lstore.open(work)
+    assert not mid.complete and len(mid) == 12
+    with pytest.raises(lstore.StoreMismatchError, match=r"process-0000\d.*batches"):
+        sketch_pairs(model, tasks, work, dataclasses.replace(opts, batch_size=3), resume=True)
+    with pytest.raises(lstore.StoreExistsError, match="resume"):
+        sketch_pairs(model, tasks, work, opts)
+    sketch_pairs(model, tasks, work, opts, resume=True)
+    _assert_same_rows(single, lstore.open(work))
+    # Finished: resuming again on any count adds nothing.
+    sketch_pairs(model, tasks, work, opts, resume=True, process_index=1, process_count=2)
+    _assert_same_rows(single, lstore.open(work))
 
 
 def test_token_identical_pairs_are_dropped_and_recorded(model, tmp_path):

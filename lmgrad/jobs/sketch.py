@@ -26,7 +26,7 @@ from lmgrad.jobs.schema import check_choices, option
 from lmgrad.models.loading import LoadedModel, logits_fn
 from lmgrad.params import flatten, select
 from lmgrad.sketch import make_projector
-from lmgrad.store import StoreWriter
+from lmgrad.store import StoreWriter, deal
 from lmgrad.tasks import Task, degenerate_pairs, encode_pairs, iter_pair_batches, task_provenance
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,9 @@ def sketch_pairs(
 
     With `process_count > 1` (a multi-host run) this process takes every `process_count`-th batch,
     starting at `process_index`, and writes its own store `workdir/process-XXXXX/`;
-    `lmgrad.store.open(workdir)` reads them as one. `max_batches` stops early (for tests of
+    `lmgrad.store.open(workdir)` reads them as one. A run resumed on another number of processes
+    (one included) deals the batches no store has committed to the new processes
+    (`lmgrad.store.deal`), so it still ends with every pair exactly once. `max_batches` stops early (for tests of
     crash/resume); the store is then incomplete.
     """
     if not 0 <= process_index < process_count:
@@ -212,15 +214,18 @@ def sketch_pairs(
         config["loss"]["dropped_token_identical"] = dropped
         for row in config["tasks"]:  # per task, beside selection's count of identical sentences
             row["n_token_identical_dropped"] = sum(1 for uid, _ in dropped if uid == row["uid"])
-    batches = [gb for i, gb in enumerate(iter_pair_batches(
-        good, bad, batch_size=opts.batch_size, score_from_good=sg, score_from_bad=sb, max_len=model.max_length))
-        if i % process_count == process_index]
-    total = sum(int(g.valid.sum()) for g, _ in batches)
-    if process_count > 1:
-        from lmgrad.store import process_dir
+    every = list(iter_pair_batches(good, bad, batch_size=opts.batch_size, score_from_good=sg, score_from_bad=sb,
+                                   max_len=model.max_length))
 
-        config["process"] = {"index": process_index, "count": process_count, "batch_size": opts.batch_size}
-        workdir = str(process_dir(workdir, process_index))
+    # Which batches this process owns: batch i of a fresh run goes to process i mod count; a run
+    # resumed on another number of processes re-deals the batches no store has committed.
+    share = deal(workdir, [int(g.valid.sum()) for g, _ in every], process_index, process_count,
+                 resume=resume, batch_size=opts.batch_size)
+    batches = [every[i] for i in share.batches]
+    total = sum(int(g.valid.sum()) for g, _ in batches)
+    if share.process is not None:
+        config["process"] = share.process
+    workdir = str(share.path)
     writer = StoreWriter(workdir, config=config, k=sketcher.k, dtype=opts.store_dtype, layout=sketcher.layout,
                          total_rows=total, resume=resume, info=provenance.run_info())
     skip = writer.rows_done

@@ -17,7 +17,7 @@ import numpy as np
 from lmgrad.store.errors import (NonFiniteError, StoreCorruptError, StoreError, StoreExistsError,
                                  StoreIOError, StoreLockedError, StoreMismatchError)
 from lmgrad.store.format import FORMAT, bf16_bits_to_f32, to_bf16_bits
-from lmgrad.store.multi import MultiStore, is_multi, process_dir
+from lmgrad.store.multi import MultiStore, Share, deal, is_multi, process_dir
 from lmgrad.store.reader import Store
 from lmgrad.store.writer import REQUIRED_META, StoreWriter
 
@@ -54,6 +54,6 @@ open = open_store  # noqa: A001 - `lmgrad.store.open(workdir)` is the intended s
 __all__ = [
     "FORMAT", "MultiStore", "REQUIRED_META", "NonFiniteError", "Store", "StoreCorruptError",
     "StoreError", "StoreExistsError", "StoreIOError", "StoreLockedError", "StoreMismatchError",
-    "StoreWriter", "bf16_bits_to_f32", "open", "open_store", "process_dir", "to_bf16_bits",
+    "Share", "StoreWriter", "bf16_bits_to_f32", "deal", "open", "open_store", "process_dir", "to_bf16_bits",
     "write_store",
 ]
