@@ -28,8 +28,9 @@ compared, and how its uncertainty is measured:
   spaces: about 1 for one space seen twice, whatever the noise shares.
 * Per run: the taxonomy fit controlled for surface similarity, read from the run's
   `task_space/stats.json` (not recomputed); within-category sharing (mean unbiased similarity of
-  task pairs in the same category minus different categories) and BLiMP accuracy, with bootstrap
-  intervals.
+  task pairs in the same category minus different categories) and BLiMP accuracy, with percentile
+  bootstrap intervals (sharing's raw estimate is close to unbiased on planted block spaces, where
+  a bias-corrected or basic interval over-corrects at low coherence: tests/test_sweep.py).
 * Trends (metric vs log size, or vs log(1 + step) within a size): Spearman's ρ over runs with its
   exact run-level permutation p (whose floor, 2/R! for R runs, says how little R runs can show), and
   the least-squares slope with an interval from the joint pair bootstrap (which says whether the
@@ -511,7 +512,9 @@ def analyze(records: Sequence[RunRecord], out_dir: str | os.PathLike, *, n_boot:
             "accuracy_n_pairs": rd.summary.get("overall", {}).get("n_pairs"),
             "controlled_fit": None if ctrl is None else {
                 k: ctrl.get(k) for k in ("name", "coef", "statistic", "p_value", "p_text", "n_perm")},
-            "sharing": sh, "sharing_interval": list(interval_fn(sh, sh_b, alpha, interval, (-2.0, 2.0))),
+            # Percentile, not basic: sharing's raw estimate is nearly unbiased, and at low coherence
+            # the replicates' skew would push a basic interval off the truth (simulated in tests).
+            "sharing": sh, "sharing_interval": list(interval_fn(sh, sh_b, alpha, "percentile", (-2.0, 2.0))),
             "reliability": float(comp.reliability[i]),
             "n_undefined_tasks": int(np.sum(~np.isfinite(np.diag(comp.sims[i])))),
         })
