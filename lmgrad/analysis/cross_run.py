@@ -532,6 +532,11 @@ def analyze(records: Sequence[RunRecord], out_dir: str | os.PathLike, *, n_boot:
     params = np.array([np.nan if per_run[i]["num_params"] is None else math.log10(per_run[i]["num_params"])
                        for i in finals])
     claim1: dict[str, Any] = {"runs": [records[i].name for i in finals]}
+    claim1["rsa_between_sizes"] = [
+        {"a": records[a].name, "b": records[b].name, "rsa": float(comp.rsa[a, b]),
+         "interval": [float(comp.rsa_low[a, b]), float(comp.rsa_high[a, b])],
+         "disattenuated": float(comp.disattenuated[a, b]), "ceiling": float(comp.ceiling[a, b])}
+        for a, b in itertools.combinations(finals, 2)]
     if len(finals) >= 2 and np.isfinite(params).sum() >= 2 and np.ptp(params[np.isfinite(params)]) > 0:
         claim1["controlled_fit"] = trend(params, ctrl_est[finals], None, what="log10 params", **tr)
         claim1["sharing"] = trend(params, share_est[finals], share_reps_br[:, finals], what="log10 params", **tr)
@@ -679,8 +684,8 @@ def _report(s: Mapping[str, Any], figs: Sequence[str]) -> str:
     pct = int(round(100 * (1 - st["alpha"])))
     lines = ["# Cross-run analysis", "",
              f"{len(s['runs'])} runs, {len(s['tasks'])} tasks, {s['n_pairs']} pairs common to every run. "
-             f"Intervals: {pct}% {st['interval']} bootstrap over {st['n_boot']} joint resamples of pair IDs "
-             "(one draw applied to every run), so they measure pair-sampling noise for *these* models; "
+             f"Intervals: {pct}% bootstrap over {st['n_boot']} joint resamples of pair IDs (one draw applied to "
+             f"every run; {st['interval']} for RSA and slopes, percentile for accuracy and sharing), so they measure pair-sampling noise for *these* models; "
              "trend p-values permute runs and say how far the pattern generalises across models, which "
              "few runs cannot show.", ""]
     lines += [f"- {n}" for n in s["notes"]]
@@ -708,6 +713,11 @@ def _report(s: Mapping[str, Any], figs: Sequence[str]) -> str:
         t = c1["accuracy"]
         lines.append(f"BLiMP accuracy vs size: {_direction(t)}, slope {_fmt(t.get('slope'))}"
                      f"{_ci(t.get('slope_interval'))}.")
+    between = c1.get("rsa_between_sizes") or []
+    if between:
+        lines += ["", "Task-space similarity between sizes (last steps): " + "; ".join(
+            f"{x['a']} vs {x['b']} RSA {x['rsa']:.2f}{_ci(x['interval'])} (disattenuated "
+            f"{_fmt(x['disattenuated'], 2)})" for x in between) + "."]
     c2 = s["claims"]["distributed_over_training"]
     lines += ["", "## Claim 2: sharing between related tasks rises during pre-training", ""]
     if not c2:
