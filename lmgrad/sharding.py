@@ -18,7 +18,6 @@ The rules table (`RULES`, first match wins, over a parameter's HF name and shape
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -126,23 +125,15 @@ def place(params: Any, mesh: Mesh, rules: Sequence[Rule] = RULES) -> Any:
 # ------------------------------------------------------------------------ sharded loading
 def _safetensors_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     """Tensor name → shard file, from the index (sharded checkpoints) or the single file."""
-    from lmgrad.models.loading import CheckpointError
+    from lmgrad.models.loading import safetensors_files
 
-    index = directory / "model.safetensors.index.json"
-    single = directory / "model.safetensors"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        return {k: directory / f for k, f in weight_map.items()}
-    if single.exists():
-        from safetensors import safe_open
+    named, files = safetensors_files(directory)
+    if named is not None:
+        return named
+    from safetensors import safe_open
 
-        with safe_open(str(single), framework="numpy") as st:
-            return {k: single for k in st.keys()}
-    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json "
-                          "(sharded loading reads safetensors checkpoints only)")
+    with safe_open(str(files[0]), framework="numpy") as st:
+        return {k: files[0] for k in st.keys()}
 
 
 def load_sharded(spec: str, mesh: Mesh, *, dtype: str | Any = "float32", tokenizer: bool = True,

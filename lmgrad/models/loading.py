@@ -138,9 +138,9 @@ class LoadedModel:
         return self.config.max_position_embeddings
 
 
-def _read_safetensors(directory: pathlib.Path) -> tuple[dict[str, Any], list[pathlib.Path]]:
-    from safetensors import safe_open
-
+def safetensors_files(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path] | None, list[pathlib.Path]]:
+    """(tensor name → shard file from `model.safetensors.index.json`, or None for a single
+    `model.safetensors`; the files to read). Raises CheckpointError naming the directory or index."""
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index.exists():
@@ -148,14 +148,20 @@ def _read_safetensors(directory: pathlib.Path) -> tuple[dict[str, Any], list[pat
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files = sorted({directory / f for f in weight_map.values()})
-    elif single.exists():
-        weight_map, files = None, [single]
-    else:
-        found = sorted(p.name for p in directory.iterdir())
-        raise CheckpointError(
-            f"{directory}: no model.safetensors or model.safetensors.index.json (found: {found[:10]})"
-        )
+        named = {k: directory / f for k, f in weight_map.items()}
+        return named, sorted(set(named.values()))
+    if single.exists():
+        return None, [single]
+    found = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json (found: {found[:10]})")
+
+
+def _read_safetensors(directory: pathlib.Path) -> tuple[dict[str, Any], list[pathlib.Path]]:
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    named, files = safetensors_files(directory)
+    weight_map = None if named is None else {k: f.name for k, f in named.items()}
     tensors: dict[str, Any] = {}
     for f in files:
         if not f.exists():
