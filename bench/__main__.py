@@ -3,7 +3,8 @@
     python -m bench list                                   # the suites and what each measures
     python -m bench run --suite=speed                      # factored vs plain step, matmul, PyTorch peers
     python -m bench run --suite=speed --seqs 16 128 --batches 8
-    python -m bench run --suite=scaling                    # pairs/s and memory vs B, T, width, r (+ plots)
+    python -m bench run --suite=scaling                    # pairs/s and memory vs B, T, width, depth, r (+ plots)
+    python -m bench report --since 2026-12-01T01:58        # scaling plots and table from the runs since then
     python -m bench run --suite=fusion                     # the factored path's variants, ratios in one run
     python -m bench run --suite=scoring -- --bf16 --e2e    # older benches: flags after -- go to the script
 
@@ -39,7 +40,7 @@ SCRIPTS = {
 }
 NATIVE = {
     "speed": "factored sketch vs plain step, large matmul, PyTorch hook and vmap peers; ratios in one process",
-    "scaling": "factored pairs/s and peak memory vs batch, sequence length, width/depth, rank (plots)",
+    "scaling": "factored (and exact per-example) pairs/s and memory vs batch, length, width, depth, rank (plots)",
     "fusion": "factored path implementation variants on one batch, interleaved (ratios, bitwise check)",
 }
 
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the suites")
+    rep = sub.add_parser("report", help="scaling: plots and results/scaling.md from the recorded lines of runs since a date")
+    rep.add_argument("--since", required=True, help="ISO date/time: the runs (their `date`) to include")
     run = sub.add_parser("run", help="run one suite")
     run.add_argument("--suite", required=True, choices=sorted({**SCRIPTS, **NATIVE}))
     run.add_argument("--shapes", nargs="+", default=["gpt2-small"], help="GPT-2 shapes (speed, fusion)")
@@ -61,14 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--matmul_n", type=int, default=2048)
     run.add_argument("--variants", nargs="+", default=["loop", "grouped"], help="fusion: FactoredSketchFn(fuse=...)")
     run.add_argument("--vectors", default="project", help="fusion: handle_vectors of the spec")
-    run.add_argument("--sweep_batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
-    run.add_argument("--sweep_batches_medium", type=int, nargs="*", default=[1, 4, 16])
-    run.add_argument("--sweep_batches_plain", type=int, nargs="*", default=[1, 4, 16])
+    run.add_argument("--scaling_layers", type=int, default=2,
+                     help="scaling: blocks of the GPT-2 shapes in the batch/seq/width/r sweeps (0: their own depth)")
+    run.add_argument("--sweep_batches", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    run.add_argument("--sweep_batches_exact", type=int, nargs="*", default=[1, 4, 16],
+                     help="scaling: B of the exact per-example path (jit(vmap(grad)), all parameters)")
+    run.add_argument("--sweep_batches_medium", type=int, nargs="*", default=[])
+    run.add_argument("--sweep_batches_plain", type=int, nargs="*", default=[])
     run.add_argument("--sweep_seqs", type=int, nargs="*", default=[16, 32, 64, 128, 256, 512])
-    run.add_argument("--seq_batch", type=int, default=4)
-    run.add_argument("--sweep_shapes", nargs="*", default=["gpt2-small", "gpt2-medium", "gpt2-large"])
-    run.add_argument("--sweep_rs", type=int, nargs="*", default=[4, 8, 16, 32, 64])
-    run.add_argument("--point_timeout", type=int, default=900, help="scaling: seconds before a point is given up")
+    run.add_argument("--seq_batch", type=int, default=1)
+    run.add_argument("--sweep_shapes", nargs="*", default=["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    run.add_argument("--sweep_shapes_exact", nargs="*", default=["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    run.add_argument("--width_batch", type=int, default=4, help="scaling: B of the width, depth and r sweeps")
+    run.add_argument("--sweep_depths", type=int, nargs="*", default=[2, 4, 8, 12], help="scaling: blocks at d=768")
+    run.add_argument("--sweep_depths_exact", type=int, nargs="*", default=[2, 4, 8, 12])
+    run.add_argument("--sweep_rs", type=int, nargs="*", default=[4, 16, 64])
+    run.add_argument("--run_max_gib", type=float, default=1.5,
+                     help="scaling: a point whose XLA plan (temp + outputs) is larger is compiled only (memory analysis)")
+    run.add_argument("--point_timeout", type=int, default=600, help="scaling: seconds before a point is given up")
     run.add_argument("--no_write", action="store_true", help="print only; append nothing")
     run.add_argument("rest", nargs=argparse.REMAINDER, help="(older suites) flags for the script, after --")
     return ap
@@ -76,9 +89,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _write_latest(suite: str, command: str, table: str, rows: list[dict]) -> None:
     meta = next((r for r in rows if "error" not in r), rows[0] if rows else {})
-    text = (f"# `{suite}`: latest run\n\nCommand `{command}`, commit `{meta.get('commit')}`, {meta.get('date')}, "
+    loads = [r["loadavg"] for r in rows if r.get("loadavg") is not None]
+    load = f"{min(loads)}–{max(loads)} (per point in the table)" if len(set(loads)) > 1 else meta.get("loadavg")
+    cmd = command if command.startswith("`") else f"`{command}`"
+    text = (f"# `{suite}`: latest run\n\nCommand {cmd}, commit `{meta.get('commit')}`, {meta.get('date')}, "
             f"device {meta.get('device')} ({meta.get('cores')} cores, {meta.get('cpu')}), jax {meta.get('jax')}, "
-            f"load average {meta.get('loadavg')}.\n\n{table}\n")
+            f"load average {load}.\n\n{table}\n")
     with open(os.path.join(HERE, "results", f"{suite}.md"), "w") as f:
         f.write(text)
 
@@ -88,10 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_point"]:  # a scaling point in its own process
         import speed
 
-        method, shape, b, t, r, reps = json.loads(argv[1])
-        print(json.dumps(speed.scaling_point(method, shape, b, t, r, reps)))
+        print(json.dumps(speed.scaling_point(*json.loads(argv[1]))))
         return 0
     args = _parser().parse_args(argv)
+    if args.cmd == "report":  # several scaling runs (e.g. 2 blocks and full depth) in one set of plots
+        import speed
+        from _common import results_path
+
+        rows = speed.scaling_rows(results_path("scaling"), args.since)
+        paths = speed.plot_scaling(rows, os.path.join(HERE, "results"))
+        commands = sorted({r["command"] for r in rows}, key=lambda c: min(r["date"] for r in rows if r["command"] == c))
+        table = (speed.scaling_table(rows) + "\n\n" + "\n".join(
+            f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths))
+        print(table)
+        _write_latest("scaling", " && ".join(f"`{c}`" for c in commands) + f", then `python -m bench report --since {args.since}`",
+                      table, rows)
+        return 0
     if args.cmd == "list":
         for name, (script, what) in sorted(SCRIPTS.items()):
             print(f"{name:11s} {what}  [bench/{script}]")

@@ -15,9 +15,13 @@ Suites (``python -m bench run --suite=NAME``):
   - ``torch_plain``: the transformers model's batched forward+backward (all parameter gradients).
   FLOPs are counted per method from the shapes (`count_flops`), XLA's own count is recorded beside;
   the hook peer's sketch is compared with lmgrad's (max relative difference) on every shape.
-* ``scaling``: factored (and plain for reference) pairs/s and peak memory against batch size,
-  sequence length, width/depth and rank; one fresh process per point (peak RSS is that point's);
-  plotted into ``bench/results/scaling_*.png``.
+* ``scaling``: pairs/s and memory of the factored path against batch size, sequence length, width
+  (GPT-2 small → XL widths, at 2 blocks by default: ``gpt2-xl@L2``), depth (2 → 12 blocks at d = 768) and
+  rank, beside lmgrad's exact per-example path (``exact``: jit(vmap(grad)) of every parameter, one chunk)
+  in the batch, width and depth sweeps; one fresh process per point (peak RSS is that point's); XLA's
+  buffer plan (temporaries + outputs) per point, and per pair; points whose plan exceeds
+  ``--run_max_gib`` are compiled only (``compile_only``: memory analysis, no timing); plotted into
+  ``bench/results/scaling_*.png`` (``python -m bench report --since DATE`` redraws from the records).
 * ``fusion``: the factored path's implementation variants (``FactoredSketchFn(fuse=...)``) on the
   same batch, interleaved: ratios of each change to the previous.
 
@@ -55,10 +59,18 @@ PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 
 
 # ---------------------------------------------------------------------------------- models
+def shape_dims(shape: str) -> tuple[int, int, int]:
+    """(n_embd, n_layer, n_head) of a shape name: a `GPT2_SHAPES` key, optionally at another depth
+    (``gpt2-large@L2``: GPT-2 large's width and heads, 2 blocks)."""
+    name, _, depth = shape.partition("@L")
+    d, n_layer, n_head = GPT2_SHAPES[name]
+    return d, int(depth) if depth else n_layer, n_head
+
+
 def hf_config(shape: str, seq: int):
     import transformers
 
-    d, n_layer, n_head = GPT2_SHAPES[shape]
+    d, n_layer, n_head = shape_dims(shape)
     return transformers.GPT2Config(n_embd=d, n_layer=n_layer, n_head=n_head, n_positions=max(1024, seq))
 
 
@@ -154,7 +166,7 @@ def count_flops(fn, config, batch: int, seq: int) -> dict[str, float]:
             proj += 2 * n_tok * (n_in * r_in + n_out * r_out + r_in * r_out)
         vmap_proj += batch * 2 * (n_out * n_in * r_in + r_out * n_out * r_in) * (1 if uses else 1)
     return {"plain": 3 * fwd, "factored": 2 * fwd + proj, "torch_hooks": 2 * fwd + proj,
-            "torch_vmap": 3 * fwd + vmap_proj, "torch_plain": 3 * fwd, "fwd": fwd}
+            "torch_vmap": 3 * fwd + vmap_proj, "torch_plain": 3 * fwd, "exact": 3 * fwd, "fwd": fwd}
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -220,6 +232,16 @@ def xla_temp_bytes(compiled) -> int | None:
         return None
 
 
+def xla_memory(compiled) -> dict[str, float | None]:
+    """XLA's buffer plan for a compiled program, GiB: temporaries, outputs, arguments (the parameters)."""
+    try:
+        ma = compiled.memory_analysis()
+        return {"xla_only_temp_gib": ma.temp_size_in_bytes / 2**30, "xla_output_gib": ma.output_size_in_bytes / 2**30,
+                "xla_argument_gib": ma.argument_size_in_bytes / 2**30}
+    except Exception:
+        return {"xla_only_temp_gib": None, "xla_output_gib": None, "xla_argument_gib": None}
+
+
 def mfu(flops_per_s: float | None, device_kind: str, bf16: bool = False) -> float | None:
     table = PEAK_FLOPS_BF16 if bf16 else PEAK_FLOPS
     for key, peak in table.items():
@@ -251,15 +273,23 @@ def jax_methods(module, params, fn, good, bad, batch: int,
         return jax.grad(loss)(p)
 
     out = {}
-    factors = fn.factors()
-    for name, jitted, args in (("plain", jax.jit(step), (params, g, b)),
-                               ("factored", fn._jit, (params, g, b, factors))):
-        if name not in which:
-            continue
+    todo = [(n, jitted, args) for n, jitted, args in (("plain", jax.jit(step), (params, g, b)),
+                                                     ("factored", fn._jit, (params, g, b, fn.factors())))
+            if n in which]
+    if "exact" in which:  # lmgrad's exact per-example path: jit(vmap(grad)) of every parameter, one chunk
+        from lmgrad.grads.differential import per_example_core
+        from lmgrad.params import flatten, split
+
+        def apply_fn(p, input_ids, attention_mask):
+            return module.apply({"params": p}, input_ids, attention_mask)
+
+        trainable, frozen = split(params, sorted(flatten(params)))
+        todo.append(("exact", jax.jit(per_example_core(apply_fn, None)), (trainable, frozen, g, b)))
+    for name, jitted, args in todo:
         t = time.perf_counter()
         compiled = jitted.lower(*args).compile()
         info = {"compile_s": time.perf_counter() - t, "xla_flops": xla_flops(compiled),
-                "xla_temp_gib": (xla_temp_bytes(compiled) or 0) / 2**30}
+                "xla_temp_gib": (xla_temp_bytes(compiled) or 0) / 2**30, **xla_memory(compiled)}
         out[name] = ((lambda c=compiled, a=args: jax.block_until_ready(c(*a))), info)
     return out
 
@@ -430,8 +460,13 @@ def print_speed(rows: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------ suite: scaling
-def scaling_point(method: str, shape: str, batch: int, seq: int, r: int | None, reps: int) -> dict:
-    """One point in a fresh process (its peak RSS is this point's): compile, time, report."""
+def scaling_point(method: str, shape: str, batch: int, seq: int, r: int | None, reps: int,
+                  run_max_gib: float | None = None) -> dict:
+    """One point in a fresh process (its peak RSS is this point's): compile, time, report.
+
+    `method`: ``factored``, ``plain`` or ``exact`` (lmgrad's per-example jit(vmap(grad)) of every
+    parameter, unchunked). Where XLA's plan (temporaries + outputs) exceeds `run_max_gib`, the point is
+    compiled only (``compile_only``: memory analysis, no timing)."""
     import jax
 
     from lmgrad.grads.factored import make_factored_sketch_fn
@@ -441,59 +476,95 @@ def scaling_point(method: str, shape: str, batch: int, seq: int, r: int | None, 
     good, bad = make_pairs(config.vocab_size, batch, seq)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     call, info = jax_methods(module, params, fn, good, bad, batch, which=(method,))[method]
-    call()
-    secs = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        call()
-        secs.append(time.perf_counter() - t)
-    sec = float(np.median(secs))
     flops = count_flops(fn, config, batch, seq)[method]
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return {"method": method, "model": f"{shape}(random)", "batch_pairs": batch, "seq": seq, "r": r, "k": fn.dim,
-            "shape": {"d": config.hidden_size, "layers": config.num_layers, "params": n_params},
-            "sec_per_call": sec, "secs": secs, "pairs_per_s": batch / sec, "tokens_per_s": 2 * batch * seq / sec,
-            "flops_per_call": flops, "flops_per_s": flops / sec, "peak_rss_gib": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_before_call_gib": rss0,
-            "device_peak_gib": (device_peak_bytes() or 0) / 2**30, **info}
+    row = {"method": method, "model": f"{shape}(random)", "batch_pairs": batch, "seq": seq, "r": r, "k": fn.dim,
+           "shape": {"d": config.hidden_size, "layers": config.num_layers, "params": n_params},
+           "flops_per_call": flops, "rss_before_call_gib": rss0, **info,
+           "xla_temp_per_pair_mib": info["xla_temp_gib"] * 1024 / batch}
+    if run_max_gib is not None and info["xla_temp_gib"] > run_max_gib:
+        row.update(compile_only=True, sec_per_call=None, secs=[], pairs_per_s=None, tokens_per_s=None,
+                   flops_per_s=None)
+    else:
+        call()
+        secs = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            call()
+            secs.append(time.perf_counter() - t)
+        sec = float(np.median(secs))
+        row.update(compile_only=False, sec_per_call=sec, secs=secs, pairs_per_s=batch / sec,
+                   tokens_per_s=2 * batch * seq / sec, flops_per_s=flops / sec)
+    row.update(peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               device_peak_gib=(device_peak_bytes() or 0) / 2**30)
+    return row
 
 
 def scaling_points(args) -> list[tuple[str, str, str, int, int, int | None]]:
-    """(sweep, method, shape, B, T, r) for every point of the scaling suite."""
+    """(sweep, method, shape, B, T, r) for every point of the scaling suite.
+
+    The batch, seq, width and r sweeps run the GPT-2 shapes at `--scaling_layers` blocks (0: the
+    shape's own depth; the shape name then carries ``@L<n>``); the depth sweep varies the blocks at
+    GPT-2 small's width. B, T of the width and depth sweeps: `--width_batch`, T = 16."""
+    def at(shape: str) -> str:
+        return f"{shape}@L{args.scaling_layers}" if args.scaling_layers else shape
+
+    small = at("gpt2-small")
     pts = []
     for b in args.sweep_batches:
-        pts.append(("batch", "factored", "gpt2-small", b, 16, None))
+        pts.append(("batch", "factored", small, b, 16, None))
+    for b in args.sweep_batches_exact:
+        pts.append(("batch", "exact", small, b, 16, None))
     for b in args.sweep_batches_medium:
-        pts.append(("batch", "factored", "gpt2-medium", b, 16, None))
+        pts.append(("batch", "factored", at("gpt2-medium"), b, 16, None))
     for b in args.sweep_batches_plain:
-        pts.append(("batch", "plain", "gpt2-small", b, 16, None))
-    for t in args.sweep_seqs:
-        pts.append(("seq", "factored", "gpt2-small", args.seq_batch, t, None))
+        pts.append(("batch", "plain", small, b, 16, None))
     for s in args.sweep_shapes:
-        pts.append(("width", "factored", s, 4, 16, None))
+        pts.append(("width", "factored", at(s), args.width_batch, 16, None))
+    for s in args.sweep_shapes_exact:
+        pts.append(("width", "exact", at(s), args.width_batch, 16, None))
+    for n in args.sweep_depths:
+        pts.append(("depth", "factored", f"gpt2-small@L{n}", args.width_batch, 16, None))
+    for n in args.sweep_depths_exact:
+        pts.append(("depth", "exact", f"gpt2-small@L{n}", args.width_batch, 16, None))
+    for t in args.sweep_seqs:
+        pts.append(("seq", "factored", small, args.seq_batch, t, None))
     for r in args.sweep_rs:
-        pts.append(("r", "factored", "gpt2-small", 8, 16, r))
+        pts.append(("r", "factored", small, args.width_batch, 16, r))
     return pts
 
 
 def scaling(args) -> list[dict]:
     meta = run_meta(suite="scaling")
-    rows = []
+    rows, done = [], {}
     for sweep, method, shape, b, t, r in scaling_points(args):
-        cmd = [sys.executable, "-m", "bench", "_point", json.dumps([method, shape, b, t, r, args.reps])]
-        load0 = loadavg()
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
-                             timeout=args.point_timeout)
-        if out.returncode != 0:
-            row = {**meta, "sweep": sweep, "method": method, "model": shape, "batch_pairs": b, "seq": t, "r": r,
-                   "error": out.stderr[-1500:]}
-            print(f"{sweep:6s} {method:9s} {shape:12s} B={b:3d} T={t:4d} r={r}: ERROR {out.stderr[-300:]}", flush=True)
+        key = (method, shape, b, t, r)
+        if key in done and "error" not in done[key]:  # the same point in another sweep: measured once
+            row = {**done[key], "sweep": sweep, "same_point_as_sweep": done[key]["sweep"]}
         else:
-            row = {**meta, "loadavg": load0, "loadavg_after": loadavg(), "sweep": sweep,
-                   **json.loads(out.stdout.strip().splitlines()[-1])}
-            print(f"{sweep:6s} {method:9s} {shape:12s} B={b:3d} T={t:4d} r={r}: {row['pairs_per_s']:8.2f} pairs/s "
-                  f"{row['flops_per_s'] / 1e9:7.1f} GFLOP/s  peak RSS {row['peak_rss_gib']:.2f} GiB "
-                  f"(params+init {row['rss_before_call_gib']:.2f})  load {load0}", flush=True)
+            cmd = [sys.executable, "-m", "bench", "_point",
+                   json.dumps([method, shape, b, t, r, args.reps, args.run_max_gib])]
+            load0 = loadavg()
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.point_timeout,
+                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                err = out.stderr[-1500:] if out.returncode != 0 else None
+            except subprocess.TimeoutExpired:
+                err = f"timed out after {args.point_timeout} s"
+            if err is not None:
+                row = {**meta, "loadavg": load0, "sweep": sweep, "method": method, "model": shape, "batch_pairs": b,
+                       "seq": t, "r": r, "error": err}
+                print(f"{sweep:6s} {method:9s} {shape:15s} B={b:3d} T={t:4d} r={r}: ERROR {err[-300:]}", flush=True)
+            else:
+                row = {**meta, "loadavg": load0, "loadavg_after": loadavg(), "sweep": sweep,
+                       **json.loads(out.stdout.strip().splitlines()[-1])}
+            done[key] = row
+        if "error" not in row:
+            print(f"{sweep:6s} {method:9s} {shape:15s} B={b:3d} T={t:4d} r={r}: "
+                  f"{_fmt(row['pairs_per_s'], '8.2f')} pairs/s  XLA temp {row['xla_temp_gib']:.3f} GiB "
+                  f"({row['xla_temp_per_pair_mib']:.1f} MiB/pair)  peak RSS {row['peak_rss_gib']:.2f} GiB "
+                  f"(before call {row['rss_before_call_gib']:.2f})  compile {row['compile_s']:.0f} s  "
+                  f"load {row['loadavg']}{'  compile only' if row.get('compile_only') else ''}", flush=True)
         rows.append(row)
         if not args.no_write:  # one line per point as it finishes: a long sweep cut short keeps its points
             append_jsonl(results_path("scaling"), [row])
@@ -501,7 +572,7 @@ def scaling(args) -> list[dict]:
 
 
 def plot_scaling(rows: list[dict], out_dir: str) -> list[str]:
-    """One PNG per sweep: pairs/s (left axis) and peak RSS (right axis)."""
+    """One PNG per sweep: pairs/s, XLA's temporaries + outputs per pair, and whole-process peak RSS."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,38 +580,60 @@ def plot_scaling(rows: list[dict], out_dir: str) -> list[str]:
 
     paths = []
     ok = [r for r in rows if "error" not in r]
-    xkey = {"batch": "batch_pairs", "seq": "seq", "width": "shape", "r": "r"}
-    for sweep in ("batch", "seq", "width", "r"):
+    xkey = {"batch": "batch_pairs", "seq": "seq", "r": "r"}
+    for sweep in ("batch", "seq", "width", "depth", "r"):
         sel = [r for r in ok if r.get("sweep") == sweep]
         if not sel:
             continue
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 3.8))
         groups: dict[str, list[dict]] = {}
         for r in sel:
-            groups.setdefault(f"{r['method']} {r['model']}" if sweep != "width" else r["method"], []).append(r)
-        for label, rs in groups.items():
             if sweep == "width":
-                xs = [r["shape"]["params"] / 1e6 for r in rs]
+                label = (f"{r['method']}, {r['shape']['layers']} blocks" if "@L" in r["model"]
+                         else f"{r['method']}, GPT-2's own depth")
+            elif sweep == "depth":
+                label = r["method"]
             else:
-                xs = [r[xkey[sweep]] for r in rs]
-            a1.plot(xs, [r["pairs_per_s"] for r in rs], "o-", label=label)
-            a2.plot(xs, [r["peak_rss_gib"] for r in rs], "o-", label=f"{label} peak RSS")
-            if sweep in ("batch", "width"):
-                a2.plot(xs, [r["rss_before_call_gib"] for r in rs], "x--", label=f"{label} RSS before the call")
+                label = f"{r['method']} {r['model']}"
+            groups.setdefault(label, []).append(r)
+        for i, (label, rs) in enumerate(groups.items()):
+            c = f"C{i}"
+            xs = [r["shape"]["params"] / 1e6 if sweep in ("width", "depth") else r[xkey[sweep]] for r in rs]
+            run = [(x, r) for x, r in zip(xs, rs) if r.get("pairs_per_s") is not None]
+            if run:
+                a1.plot([x for x, _ in run], [r["pairs_per_s"] for _, r in run], "o-", color=c, label=label)
+            a2.plot(xs, [r["xla_temp_per_pair_mib"] for r in rs], "o-", color=c, label=label)
+            co = [(x, r) for x, r in zip(xs, rs) if r.get("compile_only")]
+            if co:
+                a2.plot([x for x, _ in co], [r["xla_temp_per_pair_mib"] for _, r in co], "s", mfc="none", ms=10,
+                        color=c, label=f"{label}: compile only")
+            if run:
+                a3.plot([x for x, _ in run], [r["peak_rss_gib"] for _, r in run], "o-", color=c, label=f"{label} peak")
+                a3.plot([x for x, _ in run], [r["rss_before_call_gib"] for _, r in run], "x--", color=c,
+                        label=f"{label} before the call")
+        r0 = sel[0]
+        fixed = {"batch": f"T={r0['seq']}, {r0['model']}", "seq": f"B={r0['batch_pairs']}, {r0['model']}",
+                 "width": f"B={r0['batch_pairs']} T={r0['seq']}, GPT-2 small/medium/large/XL widths",
+                 "depth": f"B={r0['batch_pairs']} T={r0['seq']}, GPT-2 small width (d=768) at 2..12 blocks",
+                 "r": f"B={r0['batch_pairs']} T={r0['seq']}, {r0['model']}"}[sweep]
         xlabel = {"batch": "pairs per call (B)", "seq": "tokens per sentence (T)",
-                  "width": "parameters (M), GPT-2 small → large, B=4 T=16", "r": "rank r (uniform r_in = r_out)"}[sweep]
-        for a in (a1, a2):
+                  "width": "parameters (M); d = 768 / 1024 / 1280 / 1600",
+                  "depth": "parameters (M)", "r": "rank r (uniform r_in = r_out)"}[sweep]
+        for a in (a1, a2, a3):
             a.set_xlabel(xlabel)
-            if sweep in ("batch", "seq", "width"):
-                a.set_xscale("log", base=2 if sweep != "width" else 10)
+            a.set_xscale("log", base=2 if sweep in ("batch", "seq", "r") else 10)
             a.grid(alpha=0.3)
-            a.legend(fontsize=7)
+            a.legend(fontsize=6)
+        a2.set_yscale("log")
         a1.set_ylabel("pairs/s")
-        a2.set_ylabel("GiB")
-        fig.suptitle(f"factored sketch scaling: {sweep} ({sel[0]['device']}, load {sel[0].get('loadavg')})", fontsize=9)
+        a2.set_ylabel("XLA temp + output per pair (MiB)")
+        a3.set_ylabel("process peak RSS (GiB)")
+        fig.suptitle(f"scaling: {sweep} ({fixed}); {r0['device']}, {r0.get('cores')} shared cores, "
+                     f"load {min(r.get('loadavg') or 0 for r in sel):.1f}–{max(r.get('loadavg') or 0 for r in sel):.1f}",
+                     fontsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, f"scaling_{sweep}.png")
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -596,20 +689,31 @@ def fusion(args) -> list[dict]:
     return rows
 
 
+def scaling_rows(path: str, since: str) -> list[dict]:
+    """The records of `path` (scaling.jsonl) from runs started at or after `since` (ISO date/time)."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r.get("date", "") >= since]
+
+
 def scaling_table(rows: list[dict]) -> str:
-    """Markdown table of scaling rows."""
-    lines = ["| sweep | method | model | params M | B | T | r | K | pairs/s | tokens/s | GFLOP/s | peak RSS GiB | "
-             "RSS before call GiB | XLA temp GiB | compile s | load |", "|---|---|---|" + "---:|" * 13]
+    """Markdown table of scaling rows (a `compile only` row has XLA's plan, no timing)."""
+    lines = ["| sweep | method | model | params M | B | T | r | K | pairs/s | GFLOP/s | XLA temp+out GiB | "
+             "per pair MiB | peak RSS GiB | RSS before call GiB | compile s | load |", "|---|---|---|" + "---:|" * 13]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['sweep']} | {r['method']} | {r['model']} | | {r['batch_pairs']} | {r['seq']} | "
-                         f"{_fmt(r['r'], 'd')} | | failed | | | | | | | |")
+                         f"{_fmt(r['r'], 'd')} | | failed | | | | | | | {_fmt(r.get('loadavg'), '.1f')} |")
             continue
+        co = r.get("compile_only")
         lines.append(
             f"| {r['sweep']} | {r['method']} | {r['model']} | {r['shape']['params'] / 1e6:.0f} | {r['batch_pairs']} | "
-            f"{r['seq']} | {_fmt(r['r'], 'd')} | {r['k']} | {r['pairs_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r['flops_per_s'] / 1e9:.1f} | {r['peak_rss_gib']:.2f} | {r['rss_before_call_gib']:.2f} | "
-            f"{r['xla_temp_gib']:.2f} | {r['compile_s']:.1f} | {_fmt(r.get('loadavg'), '.1f')} |")
+            f"{r['seq']} | {_fmt(r['r'], 'd')} | {r['k'] if r['method'] == 'factored' else '–'} | "
+            f"{'compile only' if co else _fmt(r['pairs_per_s'], '.2f')} | "
+            f"{_fmt(r['flops_per_s'] and r['flops_per_s'] / 1e9, '.1f')} | {r['xla_temp_gib']:.3f} | "
+            f"{r.get('xla_temp_per_pair_mib', r['xla_temp_gib'] * 1024 / r['batch_pairs']):.1f} | "
+            f"{r['peak_rss_gib']:.2f} | {r['rss_before_call_gib']:.2f} | {r['compile_s']:.1f} | "
+            f"{_fmt(r.get('loadavg'), '.1f')} |")
     return "\n".join(lines)
 
 
