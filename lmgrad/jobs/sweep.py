@@ -362,6 +362,9 @@ def _run(o: SweepOptions, work: pathlib.Path, cache: str | None, progress: bool,
         need_probe = o.probe and not (rdir / "probe" / "stats.json").exists()
         if done.exists() and not need_probe:
             entry.update(status="skipped (finished)")
+            # The finished run's own timings (its last session), so a re-run keeps them on record.
+            entry["timings_s"] = {f"pipeline:{k}": v
+                                  for k, v in json.loads(done.read_text()).get("timings_s", {}).items()}
             entry["num_params"] = spec.num_params or _intent_facts(intent).get("num_params")
             _say(f"[{i + 1}/{len(runs)}] {spec.name}: finished, skipped")
             save()
