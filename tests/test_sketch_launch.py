@@ -137,6 +137,21 @@ def test_sigkill_then_resume_equals_uninterrupted(ckpt, model, tmp_path):
     assert a.meta_records() == b.meta_records()
 
 
+def test_resume_refuses_rows_batched_in_another_order(model, tmp_path, monkeypatch):
+    # A store whose committed rows are not this run's leading pairs (here: batches reversed, as a
+    # changed tokenizer or batching would do) is refused by name instead of repeating/skipping pairs.
+    from lmgrad.jobs import sketch as sketch_mod
+
+    opts = SketchOptions(projector="sjlt", k=16, batch_size=2)
+    tasks = select_tasks("blimp:wh_island", max_pairs_per_task=6)
+    sketch_pairs(model, tasks, tmp_path / "s", opts, max_batches=1)
+    orig = sketch_mod.iter_pair_batches
+    monkeypatch.setattr(sketch_mod, "iter_pair_batches", lambda *a, **k: list(reversed(list(orig(*a, **k)))))
+    with pytest.raises(lstore.StoreMismatchError, match=r"committed row 0 is pair \('wh_island'"):
+        sketch_pairs(model, tasks, tmp_path / "s", opts, resume=True)
+    assert len(lstore.open(tmp_path / "s")) == 2  # nothing written
+
+
 def test_bad_input(ckpt, model, tmp_path):
     with pytest.raises(ValueError, match="projector='nope'; valid: identity"):
         SketchOptions(projector="nope", k=8)

@@ -229,6 +229,8 @@ def sketch_pairs(
     writer = StoreWriter(workdir, config=config, k=sketcher.k, dtype=opts.store_dtype, layout=sketcher.layout,
                          total_rows=total, resume=resume, info=provenance.run_info())
     skip = writer.rows_done
+    if skip:
+        _check_committed_rows(workdir, skip, [pairs[i] for g, _ in batches for i in g.index[g.valid]])
     if progress is not None and skip:
         progress(skip)
     buf_rows: list[np.ndarray] = []
@@ -276,6 +278,22 @@ def sketch_pairs(
     return {"pairs": done, "seconds": elapsed, "pairs_per_s": done / max(elapsed, 1e-9), "k": sketcher.k,
             "method": opts.method, "rows_total": writer.rows_done, "complete": writer.rows_done == total,
             "workdir": workdir}
+
+
+def _check_committed_rows(workdir: str, n: int, expected: Sequence[Any]) -> None:
+    """A resumed store's committed rows must be the first `n` pairs of this run's batch order: a
+    different tokenizer or batching would otherwise append rows that repeat or skip pairs."""
+    from lmgrad.store import Store, StoreMismatchError
+
+    got = [(r["UID"], r["pairID"]) for r in Store(workdir, verify=False).meta_records()]
+    want = [(p.UID, p.pairID) for p in expected[:n]]
+    if len(got) != n or got != want:
+        j = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise StoreMismatchError(
+            f"lmgrad.store: refusing to resume {workdir}: committed row {j} is pair "
+            f"{got[j] if j < len(got) else None}, but this run puts {want[j] if j < len(want) else None} there "
+            "(the pairs are batched in another order: another tokenizer, batch size or lmgrad version?); "
+            "use a new workdir")
 
 
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
