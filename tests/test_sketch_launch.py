@@ -152,6 +152,23 @@ def test_resume_refuses_rows_batched_in_another_order(model, tmp_path, monkeypat
     assert len(lstore.open(tmp_path / "s")) == 2  # nothing written
 
 
+def test_checkpoints_of_one_architecture_share_the_sketcher(model, tmp_path):
+    # A sweep's next checkpoint (same module and shapes, other weights) reuses the traced function;
+    # its rows equal those of a freshly built one, so the reuse carries no stale weights.
+    from lmgrad.jobs import sketch as sketch_mod
+
+    opts = SketchOptions(method="factored", r_in=4, r_out=4, batch_size=4).resolve(model)
+    other = dataclasses.replace(model, params=jax.tree.map(lambda x: x * 1.25, model.params))
+    first = sketch_mod.build_sketcher(model, opts)
+    assert sketch_mod.build_sketcher(other, opts) is first
+    assert sketch_mod.build_sketcher(other, dataclasses.replace(opts, projection_seed=1)) is not first
+    tasks = select_tasks("blimp:wh_island", max_pairs_per_task=4)
+    sketch_pairs(other, tasks, tmp_path / "reused", opts)
+    sketch_mod._SKETCHERS.clear()
+    sketch_pairs(other, tasks, tmp_path / "fresh", opts)
+    np.testing.assert_array_equal(lstore.open(tmp_path / "reused").sketches, lstore.open(tmp_path / "fresh").sketches)
+
+
 def test_bad_input(ckpt, model, tmp_path):
     with pytest.raises(ValueError, match="projector='nope'; valid: identity"):
         SketchOptions(projector="nope", k=8)

@@ -8,6 +8,7 @@ skips exactly the committed rows and ends with the rows of an uninterrupted run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -119,13 +120,31 @@ def build_sketcher(
 ) -> Sketcher:
     """Compiles the per-pair sketch function for `model` on `mesh` (default: a `data` mesh of
     `num_devices` local devices; a mesh with fsdp > 1 runs on sharded parameters). `opts` must be
-    resolved (`SketchOptions.resolve`)."""
+    resolved (`SketchOptions.resolve`). Memoised per (module, parameter shapes, options, mesh): the
+    next checkpoint of an architecture reuses the traced function (`fn(params, good, bad)`)."""
     if opts.method not in METHODS:
         raise ValueError(f"build_sketcher needs resolved options (method {opts.method!r}); call opts.resolve(model)")
     flat = flatten(model.params)
+    mesh = make_mesh(num_devices) if mesh is None else mesh
+    # Checkpoints of one architecture (a sweep's series) share the traced and compiled function:
+    # it takes the parameters as an argument, and depends on the module, shapes, options and mesh.
+    key = (model.module, tuple((n, tuple(v.shape), str(v.dtype)) for n, v in sorted(flat.items())), opts, mesh)
+    if key in _SKETCHERS:
+        _SKETCHERS.move_to_end(key)
+        return _SKETCHERS[key]
+    sketcher = _build_sketcher(model, opts, flat, mesh)
+    _SKETCHERS[key] = sketcher
+    while len(_SKETCHERS) > 4:
+        _SKETCHERS.popitem(last=False)
+    return sketcher
+
+
+_SKETCHERS: "collections.OrderedDict[Any, Sketcher]" = collections.OrderedDict()
+
+
+def _build_sketcher(model: LoadedModel, opts: SketchOptions, flat: dict[str, Any], mesh: Mesh) -> Sketcher:
     selected = select(list(flat), list(opts.include) or None, list(opts.exclude) or None)
     shapes = {n: tuple(flat[n].shape) for n in selected}
-    mesh = make_mesh(num_devices) if mesh is None else mesh
     selection = {"include": list(opts.include), "exclude": list(opts.exclude), "n_selected": len(selected),
                  "n_params": int(sum(int(np.prod(s)) for s in shapes.values()))}
     if opts.method == "exact":
