@@ -37,6 +37,7 @@ SCRIPTS = {
     "fidelity": ("bench_fidelity.py", "factored sketch fidelity vs exact gradients (SmolLM2; --stage ...)"),
     "stats": ("bench_stats.py", "task-similarity statistics: coverage and preconditioner curves"),
     "transfer": ("bench_transfer.py", "FTGD tuning: vmapped vs sequential"),
+    "sweep_reuse": ("bench_sweep_reuse.py", "a sweep's per-checkpoint sketch time: memoised sketcher vs re-trace"),
 }
 NATIVE = {
     "speed": "factored sketch vs plain step, large matmul, PyTorch hook and vmap peers; ratios in one process",
