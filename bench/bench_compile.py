@@ -2,6 +2,7 @@
 
     python bench/bench_compile.py            # the full measurement (~10 min on 2 loaded cores)
     python bench/bench_compile.py --quick    # scoring forward only, no cache workers
+    python bench/bench_compile.py --only factored   # one function (score | differential | factored)
 
 One process, one model (`load_model("smollm2")`, float32), with JAX's persistent compilation cache
 off for the in-process points so every compile is a real one. For each of ``unrolled``
@@ -13,6 +14,9 @@ body), and each function:
 * ``differential``: `per_example_core` (what `make_per_example_fn` / `make_sketch_fn` jit) over every
   parameter, B=4 pairs of T=16 tokens, chunk 1, reduced per example to each parameter's squared norm
   (the exact path's per-example gradients without a projection's cost);
+* ``factored``: the factored sketch (`FactoredSketchFn.core`, lmgrad's default ranks, factors as an
+  argument) at the default run's batch, B=16 pairs of T=16 tokens; scanned, the blocks' x and δ are
+  recorded stacked over the scan (`lmgrad.models.layers.run_layers`);
 
 it times `jax.jit(f).lower(...)` (trace + lowering to HLO) and `.compile()` separately (AOT), then the
 median of a few calls of the compiled executable, and checks the two modes' outputs agree.
@@ -101,7 +105,7 @@ def _measure(fn, args: tuple, runs: int) -> dict[str, Any]:
             "runs": runs, "loadavg_before": load0, "loadavg_after": loadavg()}, out
 
 
-def in_process(quick: bool) -> dict[str, Any]:
+def in_process(quick: bool, only: str | None = None) -> dict[str, Any]:
     os.environ["LMGRAD_COMPILATION_CACHE"] = "off"  # real compiles only
     import jax
     import numpy as np
@@ -117,18 +121,20 @@ def in_process(quick: bool) -> dict[str, Any]:
     modules = {name: build_module(dataclasses.replace(model.config, scan_layers=scan))
                for name, scan in (("unrolled", False), ("scan", True))}
 
+    want = (lambda key: only == key) if only else (lambda key: key == "score" or not quick)
     ids, am, tm = _score_args(model, 16, 32)
-    results["score"] = {"shape": [16, 32]}
     outs = {}
-    for name, module in modules.items():
+    for name, module in modules.items() if want("score") else ():
+        results.setdefault("score", {"shape": [16, 32]})
         def score(params, ids, am, tm, module=module):
             return sequence_logprob(module.apply({"params": params}, ids, am), ids, tm)
 
         results["score"][name], outs[name] = _measure(score, (model.params, ids, am, tm), runs=5)
         print(f"score {name}: {results['score'][name]}", flush=True)
-    results["score"]["max_abs_diff"] = float(np.max(np.abs(np.asarray(outs["unrolled"]) - np.asarray(outs["scan"]))))
+    if outs:
+        results["score"]["max_abs_diff"] = float(np.max(np.abs(np.asarray(outs["unrolled"]) - np.asarray(outs["scan"]))))
 
-    if not quick:
+    if want("differential"):
         good, bad = _pairs(model, 4, 16)
         selected = sorted(flatten(model.params))
         trainable, frozen = split(model.params, selected)
@@ -147,7 +153,20 @@ def in_process(quick: bool) -> dict[str, Any]:
             print(f"differential {name}: {results['differential'][name]}", flush=True)
         a, b = np.asarray(outs["unrolled"]), np.asarray(outs["scan"])
         results["differential"]["max_rel_diff"] = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
-    for key in ("score", "differential"):
+    if want("factored"):
+        from lmgrad.grads.factored import FactoredSketchFn, FactoredSpec
+
+        good, bad = _pairs(model, 16, 16)
+        results["factored"] = {"shape": [16, 16], "spec": "FactoredSpec() (lmgrad's default ranks)"}
+        outs = {}
+        for name, module in modules.items():
+            fn = FactoredSketchFn(module, model.params, FactoredSpec())
+            results["factored"][name], outs[name] = _measure(
+                lambda p, g, b, f, fn=fn: fn.core(p, g, b, f), (model.params, good, bad, fn.factors()), runs=3)
+            print(f"factored {name}: {results['factored'][name]}", flush=True)
+        a, b = np.asarray(outs["unrolled"]), np.asarray(outs["scan"])
+        results["factored"]["max_rel_diff"] = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+    for key in ("score", "differential", "factored"):
         if key in results:
             r = results[key]
             r["compile_speedup"] = round(r["unrolled"]["total_compile_s"] / r["scan"]["total_compile_s"], 2)
@@ -201,6 +220,8 @@ def cache_workers() -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="scoring forward only, no cache workers")
+    ap.add_argument("--only", choices=("score", "differential", "factored"),
+                    help="measure one function (no cache workers); writes compile_<name>.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--perturb", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -208,13 +229,14 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.perturb)))
         return
     meta = run_meta()
-    results = in_process(args.quick)
-    if not args.quick:
+    results = in_process(args.quick, args.only)
+    if not args.quick and not args.only:
         results["persistent_cache"] = cache_workers()
     results = {**meta, **results, "loadavg_end": loadavg()}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {RESULT}")
+    out = RESULT if not args.only else RESULT.with_name(f"compile_{args.only}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -92,20 +92,35 @@ def test_scanned_logits_and_gradients_equal_transformers(trio):
         assert _rel(np.asarray(g), ref_grads[name]) < 1e-4, name
 
 
-@pytest.mark.parametrize("trio", ["llama_gqa_tied_bias"], indirect=True)
-def test_factored_sketch_of_a_scanned_model_runs_unrolled(trio):
-    """The factored path addresses modules by per-block paths (interceptors, sown x, perturbed δ),
-    so for a scanned model it uses the unrolled module with the same params: the very module and
-    layout of the unrolled model, hence its rows (tests/test_factored.py checks those against
-    exact gradients). Built only, not run: `describe_modules` is a shape-only trace."""
+def test_factored_sketch_of_a_scanned_model(trio):
+    """A scanned model's factored sketch runs scanned: every block's x and δ are recorded stacked
+    over the scan (`run_layers`) and split back per block. Its rows equal the unrolled model's
+    (tests/test_factored.py checks those against exact gradients), with padding, an invalid row, a
+    tied head, Gemma-3's per-head QK-norms and its sliding/global blocks chosen inside the scan."""
     from lmgrad.grads.factored import FactoredSpec, make_factored_sketch_fn
 
     _, scanned, unrolled = trio
+
+    def half(seed):
+        ids, am = _batch(seed, [7, 5, 8, 4], 8)
+        tm = am.astype(np.float32)
+        tm[:, 0] = 0
+        return {"input_ids": ids.astype(np.int32), "attention_mask": am.astype(np.int32), "target_mask": tm,
+                "valid": np.array([True, True, True, False])}
+
+    good, bad = half(3), half(4)
     spec = FactoredSpec(seed=2, r_in=3, r_out=4, overrides=())
-    fn = make_factored_sketch_fn(scanned, spec)
-    assert scanned.module != unrolled.module and fn.module == unrolled.module
-    assert fn.layout == make_factored_sketch_fn(unrolled, spec).layout
-    assert {e["layer"] for e in fn.layout} == {None, 0, 1, 2}
+    fn_s, fn_u = make_factored_sketch_fn(scanned, spec), make_factored_sketch_fn(unrolled, spec)
+    assert fn_s.module.config.scan_layers and fn_s.layout == fn_u.layout
+    assert {e["layer"] for e in fn_s.layout} == {None, 0, 1, 2}
+    rows_s, _ = fn_s(scanned.params, good, bad)
+    rows_u, _ = fn_u(unrolled.params, good, bad)
+    rows_s, rows_u = np.asarray(rows_s), np.asarray(rows_u)
+    assert np.all(rows_u[3] == 0) and np.all(rows_s[3] == 0)
+    assert _rel(rows_s, rows_u) < 1e-5
+    for e in fn_s.layout:  # every block carries signal, not only the whole row
+        sl = slice(e["offset"], e["offset"] + e["size"])
+        assert _rel(rows_s[:3, sl], rows_u[:3, sl]) < 1e-4, e["name"]
 
 
 def test_sketch_job_store_is_the_same_with_and_without_scan(tmp_path):

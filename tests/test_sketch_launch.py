@@ -169,6 +169,31 @@ def test_checkpoints_of_one_architecture_share_the_sketcher(model, tmp_path):
     np.testing.assert_array_equal(lstore.open(tmp_path / "reused").sketches, lstore.open(tmp_path / "fresh").sketches)
 
 
+def test_projection_seeds_share_the_compiled_factored_function(model, tmp_path):
+    # The factored path's seed enters only through its factor matrices (an input), so a second
+    # seed reuses the first's traced function (no new trace) and its rows equal a fresh build's.
+    from lmgrad.jobs import sketch as sketch_mod
+
+    sketch_mod._SKETCHERS.clear()
+    opts = SketchOptions(method="factored", r_in=4, r_out=4, batch_size=4).resolve(model)
+    tasks = select_tasks("blimp:wh_island", max_pairs_per_task=4)
+    sketch_pairs(model, tasks, tmp_path / "s0", opts)
+    first = sketch_mod.build_sketcher(model, opts)
+    traces = first.fn.traces
+    seed1 = dataclasses.replace(opts, projection_seed=1)
+    sketch_pairs(model, tasks, tmp_path / "s1", seed1)
+    second = sketch_mod.build_sketcher(model, seed1)
+    assert second is not first and second.fn.traces == traces  # nothing traced for seed 1
+    assert second.spec["factored"]["seed"] == 1 and second.layout == first.layout
+    sketch_mod._SKETCHERS.clear()
+    sketch_pairs(model, tasks, tmp_path / "fresh1", seed1)
+    s0, s1 = lstore.open(tmp_path / "s0"), lstore.open(tmp_path / "s1")
+    np.testing.assert_array_equal(s1.sketches, lstore.open(tmp_path / "fresh1").sketches)
+    assert s1.config["sketch"] == lstore.open(tmp_path / "fresh1").config["sketch"]
+    assert not np.allclose(s0.sketches, s1.sketches)
+    sketch_mod._SKETCHERS.clear()
+
+
 def test_bad_input(ckpt, model, tmp_path):
     with pytest.raises(ValueError, match="projector='nope'; valid: identity"):
         SketchOptions(projector="nope", k=8)

@@ -22,6 +22,7 @@ from lmgrad.grads.mesh import (
     make_mesh,
     param_shardings,
     replicate,
+    reseeded_factored_fn,
     sharded_factored_fn,
     sharded_per_example_fn,
     sharded_sketch_fn,
@@ -31,6 +32,6 @@ __all__ = [
     "FactoredSketchFn", "FactoredSpec", "factored_reference", "make_factored_sketch_fn",
     "NonFiniteGradientError", "as_arrays", "check_finite", "make_batch_grad_fn", "make_mesh",
     "make_per_example_fn", "make_sketch_fn", "pair_loss_diff", "param_shardings", "per_example_reference",
-    "ShardedRowsFn", "replicate", "sharded_factored_fn", "sharded_per_example_fn", "sharded_sketch_fn",
+    "ShardedRowsFn", "replicate", "reseeded_factored_fn", "sharded_factored_fn", "sharded_per_example_fn", "sharded_sketch_fn",
     "task_mean_differential",
 ]

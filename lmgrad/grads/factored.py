@@ -54,6 +54,7 @@ returned function's `.core` is pure and shape-polymorphic in B, for jit or shard
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -64,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmgrad.grads.differential import check_pair, sanitize, as_arrays
-from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm, unrolled
+from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm, unrolled, unstack_recorded
 from lmgrad.params import TYPES, block_fields, flatten, matches, param_info, select
 from lmgrad.scoring import sequence_logprob
 from lmgrad.sketch import hashing
@@ -470,9 +471,9 @@ class FactoredSketchFn:
     def __init__(self, module: nn.Module, params: Any, spec: FactoredSpec, fuse: str = "grouped"):
         if fuse not in FUSE_MODES:
             raise ValueError(f"FactoredSketchFn: fuse must be one of {FUSE_MODES}, got {fuse!r}")
-        # Captured x and δ are keyed by per-block module paths, so this path runs the blocks
-        # unrolled even for a scanned model (same params; `lmgrad.models.layers.unrolled`).
-        self.module, self.spec, self.fuse = unrolled(module), spec, fuse
+        # A scanned model (`ModelConfig.scan_layers`) records x and δ stacked over its blocks
+        # (`lmgrad.models.layers.run_layers`); `unstack_recorded` gives them per-block keys.
+        self.module, self.spec, self.fuse = module, spec, fuse
         self.modules = describe_modules(module, params)
         entries = _entries(spec, self.modules)
         self.block_layout = _with_offsets(entries)
@@ -484,6 +485,17 @@ class FactoredSketchFn:
         self.traces = 0
         self._jit = jax.jit(self._counted)
         self._factors: dict[str, tuple[Array, Array | None]] | None = None
+
+    def with_seed(self, seed: int) -> "FactoredSketchFn":
+        """This sketch function for another projection seed, sharing the traced and compiled core:
+        the seed enters only through the factor matrices, an argument of the compiled function.
+        Not for a `global_k` spec, whose sparse-JL stage is traced with its seed."""
+        if self.spec.global_k is not None:
+            raise ValueError("FactoredSketchFn.with_seed: a global_k sketch traces its seed; build a new function")
+        other = copy.copy(self)
+        other.spec = dataclasses.replace(self.spec, seed=int(seed))
+        other._factors = None
+        return other
 
     def _used(self) -> list[_Module]:
         want = {e["name"] for e in self.block_layout}
@@ -534,7 +546,7 @@ class FactoredSketchFn:
             return jnp.sum(sign * nll), state["intermediates"]
 
         dpert, inter = jax.grad(loss, has_aux=True)(pert0)
-        dys, inter = flatten(dpert), flatten(inter)
+        dys, inter = unstack_recorded(flatten(dpert)), unstack_recorded(flatten(inter))
         tok = (am > 0) & valid2[:, None]
         want = {e["name"] for e in self.block_layout}
         blocks: dict[str, Array] = {}

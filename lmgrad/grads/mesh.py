@@ -194,6 +194,11 @@ class _ParamsFn:
     def __call__(self, params: Any, good: Any, bad: Any) -> Any:
         return self._rows_fn(self._prepare(params), good, bad)
 
+    def with_prepare(self, prepare: Callable[[Any], Any]) -> "_ParamsFn":
+        """The same compiled rows function with another params → input step (e.g. another seed's
+        factor matrices, which are inputs of the same shapes)."""
+        return _ParamsFn(self._rows_fn, prepare)
+
 
 def _dummy_pair() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     one = {"input_ids": np.zeros((1, 2), np.int32), "attention_mask": np.ones((1, 2), np.int32),
@@ -259,3 +264,12 @@ def sharded_factored_fn(factored: Any, mesh: Mesh) -> Callable[[Any, Any, Any], 
     fn = _ParamsFn(rows_fn, lambda params: (params, factored.factors()))
     fn.factored = factored
     return fn
+
+
+def reseeded_factored_fn(fn: Any, seed: int) -> Any:
+    """A `sharded_factored_fn` result for another projection seed, sharing its compiled function
+    (`FactoredSketchFn.with_seed`): a second seed costs no trace or compile."""
+    factored = fn.factored.with_seed(seed)
+    out = fn.with_prepare(lambda params: (params, factored.factors()))
+    out.factored = factored
+    return out

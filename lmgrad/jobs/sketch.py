@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lmgrad import provenance
-from lmgrad.grads import check_finite, make_mesh, sharded_factored_fn, sharded_sketch_fn
+from lmgrad.grads import check_finite, make_mesh, reseeded_factored_fn, sharded_factored_fn, sharded_sketch_fn
 from lmgrad.grads.factored import DEFAULT_OVERRIDES, DEFAULT_R_IN, DEFAULT_R_OUT, FactoredSpec, make_factored_sketch_fn
 from lmgrad.jobs.inputs import InputOptions
 from lmgrad.jobs.schema import check_choices, option
@@ -121,18 +121,31 @@ def build_sketcher(
     """Compiles the per-pair sketch function for `model` on `mesh` (default: a `data` mesh of
     `num_devices` local devices; a mesh with fsdp > 1 runs on sharded parameters). `opts` must be
     resolved (`SketchOptions.resolve`). Memoised per (module, parameter shapes, options, mesh): the
-    next checkpoint of an architecture reuses the traced function (`fn(params, good, bad)`)."""
+    next checkpoint of an architecture reuses the traced function (`fn(params, good, bad)`), and a
+    factored sketch's next projection seed reuses it too (the seed enters through the factor
+    matrices, an input)."""
     if opts.method not in METHODS:
         raise ValueError(f"build_sketcher needs resolved options (method {opts.method!r}); call opts.resolve(model)")
     flat = flatten(model.params)
     mesh = make_mesh(num_devices) if mesh is None else mesh
     # Checkpoints of one architecture (a sweep's series) share the traced and compiled function:
     # it takes the parameters as an argument, and depends on the module, shapes, options and mesh.
-    key = (model.module, tuple((n, tuple(v.shape), str(v.dtype)) for n, v in sorted(flat.items())), opts, mesh)
+    shapes = tuple((n, tuple(v.shape), str(v.dtype)) for n, v in sorted(flat.items()))
+    key = (model.module, shapes, opts, mesh)
     if key in _SKETCHERS:
         _SKETCHERS.move_to_end(key)
         return _SKETCHERS[key]
-    sketcher = _build_sketcher(model, opts, flat, mesh)
+    base = None
+    if opts.method == "factored" and not opts.global_k:
+        seedless = dataclasses.replace(opts, projection_seed=0)
+        base = next((s for (mod, shp, o, m), s in reversed(_SKETCHERS.items())
+                     if (mod, shp, m) == (model.module, shapes, mesh)
+                     and dataclasses.replace(o, projection_seed=0) == seedless), None)
+    if base is not None:
+        fn = reseeded_factored_fn(base.fn, opts.projection_seed)
+        sketcher = Sketcher(fn, base.k, base.layout, {**base.spec, "factored": fn.factored.spec.spec})
+    else:
+        sketcher = _build_sketcher(model, opts, flat, mesh)
     _SKETCHERS[key] = sketcher
     while len(_SKETCHERS) > 4:
         _SKETCHERS.popitem(last=False)

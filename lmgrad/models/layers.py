@@ -242,7 +242,7 @@ def run_layers(
     """
     c = parent.config
     n = len(layers)
-    if not c.scan_layers or n < 2 or parent.is_initializing() or _records(parent):
+    if not c.scan_layers or n < 2 or parent.is_initializing():
         for i, layer in enumerate(layers):
             x = layer(x, *block_args(i), layer_idx=i) if pass_index else layer(x, *block_args(i))
         return x
@@ -250,14 +250,71 @@ def run_layers(
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *(params[f"{name}_{i}"] for i in range(n)))
     # An unbound copy of block 0's definition (blocks differ only in their params and index).
     body_module = layers[0].clone(parent=None)
+    idx = jnp.arange(n, dtype=jnp.int32)
+    if _records(parent):
+        return _scan_recorded(parent, name, body_module, stacked, idx, x, block_args, pass_index)
 
     def body(h: jax.Array, xs: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
         p, i = xs
         kw = {"layer_idx": i} if pass_index else {}
         return body_module.apply({"params": p}, h, *block_args(i), **kw), None
 
-    x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(n, dtype=jnp.int32)))
+    x, _ = jax.lax.scan(body, x, (stacked, idx))
     return x
+
+
+STACKED = "_stacked"
+
+
+def _scan_recorded(
+    parent: nn.Module, name: str, body_module: nn.Module, stacked: Any, idx: jax.Array, x: jax.Array,
+    block_args: Callable[[Any], tuple[Any, ...]], pass_index: bool,
+) -> jax.Array:
+    """The scanned stack of an apply that records 'intermediates' or 'perturbations'.
+
+    Each block's collections travel through the scan with a leading [L] axis and are stored on the
+    parent under ``{name}_stacked`` (so HF-flattened keys read ``model.layers_stacked.…``): the
+    intermediates a block sows come out stacked, and the perturbations are taken (or, in a pass
+    that creates them, made) stacked, so their gradient is every block's δ in one [L, …] array.
+    `unstack_recorded` turns such keys back into per-block ones."""
+    key = f"{name}{STACKED}"
+    sow = parent.is_mutable_collection("intermediates")
+    pert = parent.variables.get("perturbations", {}).get(key)
+    make_pert = pert is None and parent.is_mutable_collection("perturbations")
+    mutable = [c for c, on in (("intermediates", sow), ("perturbations", make_pert)) if on]
+
+    def body(h: jax.Array, xs: tuple[Any, jax.Array, Any]) -> tuple[jax.Array, Any]:
+        p, i, pe = xs
+        kw = {"layer_idx": i} if pass_index else {}
+        variables = {"params": p} if pe is None else {"params": p, "perturbations": pe}
+        if not mutable:
+            return body_module.apply(variables, h, *block_args(i), **kw), {}
+        return body_module.apply(variables, h, *block_args(i), **kw, mutable=mutable)
+
+    x, state = jax.lax.scan(body, x, (stacked, idx, pert))
+    if sow and state.get("intermediates"):
+        parent.put_variable("intermediates", key, state["intermediates"])
+    if make_pert and state.get("perturbations"):
+        parent.put_variable("perturbations", key, state["perturbations"])
+    return x
+
+
+def unstack_recorded(flat: dict[str, Any]) -> dict[str, Any]:
+    """HF-flattened collections with ``{name}_stacked`` entries (a scanned apply's, `run_layers`)
+    split into per-block keys: ``model.layers_stacked.mlp.x`` [L, …] → ``model.layers.{i}.mlp.x``."""
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        parts = k.split(".")
+        hit = [j for j, p in enumerate(parts) if p.endswith(STACKED)]
+        if not hit:
+            out[k] = v
+            continue
+        j = hit[0]
+        base = parts[j][: -len(STACKED)]
+        n = jax.tree.leaves(v)[0].shape[0]
+        for i in range(n):
+            out[".".join(parts[:j] + [base, str(i)] + parts[j + 1:])] = jax.tree.map(lambda a: a[i], v)
+    return out
 
 
 class CausalLM(nn.Module):
