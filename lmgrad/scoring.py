@@ -3,6 +3,10 @@
 A sentence's score is Σ_t log p(w_t | w_<t) over its scored tokens. The tokenizer's BOS token (or
 its EOS where it has no BOS, as for GPT-2 and Pythia) is prepended so that the first word is
 conditioned on something and is scored too; see `lmgrad.tasks.batching.bos_id`.
+
+`score_sequences` packs sentences back to back into rows (`lmgrad.tasks.iter_packed`; the models
+attend within each sentence and restart its positions), so no compute goes to padding beyond the
+end of each row; ``pack=False`` scores one right-padded sentence per row in length buckets.
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ def make_score_fn(apply_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array
     return score
 
 
+@functools.lru_cache(maxsize=16)
+def make_token_score_fn(apply_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """jit-compiled (params, input_ids, attention_mask, target_mask) → target_mask · log p per token
+    [B, T], for packed rows whose sentences are summed on the host. Cached like `make_score_fn`."""
+
+    @jax.jit
+    def score(params: Any, input_ids: jax.Array, attention_mask: jax.Array, target_mask: jax.Array) -> jax.Array:
+        return token_logprobs(apply_fn(params, input_ids, attention_mask), input_ids) * target_mask
+
+    return score
+
+
 def score_sequences(
     model: Any,
     seqs: Sequence[np.ndarray],
@@ -49,18 +65,36 @@ def score_sequences(
     batch_size: int = 16,
     score_from: Sequence[int] | None = None,
     progress: Callable[[int], None] | None = None,
+    pack: bool = True,
 ) -> np.ndarray:
     """Log-probabilities [N] (float64) of token sequences (BOS already prepended) under `model`.
 
-    Sequences are bucketed by length so a run compiles one shape per bucket.
+    `pack` (default): sentences packed into rows of `packed_row_length` tokens, `batch_size` × 32
+    tokens per batch (one compiled shape for a run); per-token log-probs are summed per sentence
+    in float64. Otherwise `batch_size` sentences per batch, bucketed by length (one shape per bucket).
     """
     from lmgrad.models.loading import logits_fn
-    from lmgrad.tasks.batching import iter_bucketed
+    from lmgrad.tasks.batching import iter_bucketed, iter_packed, packed_row_length
 
-    # One jitted function per architecture (both cached), so repeated calls, and other checkpoints
-    # of the same architecture, reuse the compiled bucket shapes.
-    score = make_score_fn(logits_fn(model))
     out = np.full(len(seqs), np.nan, dtype=np.float64)
+    if not len(seqs):
+        return out
+    if pack:
+        # One jitted function per architecture (cached), so repeated calls and other checkpoints of
+        # the same architecture reuse the compiled shape.
+        score = make_token_score_fn(logits_fn(model))
+        row_len = packed_row_length([len(s) for s in seqs], max_len=model.max_length)
+        out[:] = 0.0
+        for batch in iter_packed(seqs, rows=max(1, batch_size * 32 // row_len), row_len=row_len,
+                                 score_from=score_from, max_len=model.max_length):
+            lp = np.asarray(score(model.params, batch.input_ids, batch.attention_mask, batch.target_mask),
+                            dtype=np.float64)
+            held = batch.owner >= 0
+            np.add.at(out, batch.owner[held], lp[held])
+            if progress is not None:
+                progress(len(np.unique(batch.owner[held])))
+        return out
+    score = make_score_fn(logits_fn(model))
     for batch in iter_bucketed(
         seqs, batch_size=batch_size, score_from=score_from, max_len=model.max_length
     ):

@@ -261,3 +261,43 @@ def test_blimp_end_to_end_few_shapes():
             rebuilt[int(bg.index[r])] = bg.input_ids[r, :L]
     assert sorted(rebuilt) == list(range(len(pairs)))
     assert all((rebuilt[i] == g[i]).all() for i in range(len(pairs)))
+
+
+def test_iter_packed_holds_every_sentence_once_within_rows():
+    from lmgrad.tasks import iter_packed, packed_row_length
+
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 50, n) for n in rng.integers(1, 20, 57)]
+    score_from = [int(rng.integers(1, 3)) for _ in seqs]
+    L = packed_row_length([len(s) for s in seqs])
+    assert L == 64
+    batches = list(iter_packed(seqs, rows=3, score_from=score_from))
+    assert all(b.shape == (3, 64) for b in batches)
+    seen = {}
+    for b in batches:
+        for r in range(3):
+            segs = b.attention_mask[r]
+            n = int((segs > 0).sum())
+            assert np.all(segs[:n] > 0) and np.all(segs[n:] == 0)  # padding only at the row's end
+            assert np.all(np.diff(segs[:n]) >= 0)  # segments numbered in order
+            for k in np.unique(segs[:n]):
+                cols = np.flatnonzero(segs == k)
+                (i,) = set(b.owner[r, cols])
+                assert i not in seen
+                seen[i] = True
+                np.testing.assert_array_equal(b.input_ids[r, cols], seqs[i])
+                start = max(score_from[i], 1)
+                np.testing.assert_array_equal(b.target_mask[r, cols], (np.arange(len(cols)) >= start).astype(np.float32))
+    assert sorted(seen) == list(range(len(seqs)))
+    total = sum(len(s) for s in seqs)
+    assert len(batches) * 3 * 64 < 1.2 * total + 3 * 64  # first-fit leaves little but the last batch empty
+    again = list(iter_packed(seqs, rows=3, score_from=score_from))
+    assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(batches, again))
+
+
+def test_iter_packed_names_an_overlong_sentence():
+    from lmgrad.tasks import iter_packed
+
+    seqs = [np.ones(5, np.int64), np.ones(40, np.int64)]
+    with pytest.raises(TaskDataError, match="item 1 has 40 tokens, more than max_len=32"):
+        list(iter_packed(seqs, rows=2, max_len=32))

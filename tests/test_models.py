@@ -125,6 +125,31 @@ def test_logits_and_sentence_logprobs(pair):
     np.testing.assert_allclose(lp, ref_lp, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_rows_score_each_sentence_as_alone(pair):
+    """`score_sequences` packs several sentences into one row (segments in the attention mask):
+    each sentence's log-prob equals transformers' on that sentence alone in its own row, past
+    Gemma-3's sliding window and with partial score_from; and equals the unpacked, bucketed path."""
+    from lmgrad.scoring import score_sequences
+    from lmgrad.tasks import iter_packed
+
+    torch_model, model = pair
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(1, VOCAB, n).astype(np.int64) for n in (12, 3, 9, 5, 2, 7, 11, 4, 6)]
+    score_from = [1, 1, 4, 1, 1, 2, 1, 3, 1]
+    batches = list(iter_packed(seqs, rows=2, row_len=16, score_from=score_from))
+    assert max(int(b.attention_mask.max()) for b in batches) >= 3  # rows really hold several sentences
+    ref = []
+    with torch.no_grad():
+        for s, f in zip(seqs, score_from):
+            logits = torch_model(input_ids=torch.tensor(s[None])).logits[0].double()
+            lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(s[1:, None]))[:, 0]
+            ref.append(float(lp[f - 1:].sum()))
+    packed = score_sequences(model, seqs, batch_size=1, score_from=score_from)  # all 9 in one row of 64
+    np.testing.assert_allclose(packed, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed, score_sequences(model, seqs, batch_size=4, score_from=score_from, pack=False),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_of_every_parameter(pair):
     torch_model, model = pair
     ids, mask = _batch(np.random.default_rng(2), [9, 5], 10)

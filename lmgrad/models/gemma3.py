@@ -30,6 +30,7 @@ from lmgrad.models.layers import (
     causal_mask,
     rope_cos_sin,
     run_layers,
+    segment_positions,
     sliding_causal_mask,
 )
 from lmgrad.models.llama import LlamaMLP
@@ -82,11 +83,10 @@ class Gemma3TextModel(nn.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         c = self.config
-        t = input_ids.shape[-1]
         x = self.embed_tokens(input_ids)
         # After the lookup (not inside it), so the lookup's δ stays the embedding table's gradient.
         x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
-        positions = jnp.arange(t)[None, :]
+        positions = segment_positions(attention_mask)
         if len(c.sliding_layers) != len(self.layers):
             raise ValueError(f"gemma3: {len(c.sliding_layers)} sliding_layers flags for {len(self.layers)} layers")
 

@@ -16,6 +16,7 @@ from lmgrad.models.layers import (
     attention,
     causal_mask,
     run_layers,
+    segment_positions,
 )
 
 
@@ -71,8 +72,7 @@ class GPT2Model(nn.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         c = self.config
-        t = input_ids.shape[-1]
-        x = self.wte(input_ids) + self.wpe(jnp.arange(t)[None, :])
+        x = self.wte(input_ids) + self.wpe(segment_positions(attention_mask))
         x = run_layers(self, "h", self.h, x, lambda _: (causal_mask(attention_mask),),
                        pass_index=c.scale_attn_by_inverse_layer_idx)
         return self.ln_f(x)

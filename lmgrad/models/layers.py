@@ -165,13 +165,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _band_mask(band: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """[B, 1, T, T]: band[t, s] (0/1) and key s not padding (attention_mask > 0).
+    """[B, 1, T, T]: band[t, s] (0/1), key s not padding (attention_mask > 0), and query t and key s
+    in the same segment (equal mask values: a 0/1 mask is one segment per row, and a packed row
+    numbers its sentences 1, 2, … so none attends to another).
 
-    Written as min(band, mask) > 0 (equal for any real or integer mask) rather than a boolean
-    `and` of two broadcasts: XLA:CPU took tens of seconds to compile that `and` as a kernel of its
-    own, which it becomes when hoisted out of a scanned layer stack (bench/README.md)."""
+    Written as min(band, mask) · [same] > 0 (equal for any real or integer mask) rather than a
+    boolean `and` of broadcasts: XLA:CPU took tens of seconds to compile that `and` as a kernel of
+    its own, which it becomes when hoisted out of a scanned layer stack (bench/README.md)."""
     am = attention_mask.astype(jnp.int32) if attention_mask.dtype == jnp.bool_ else attention_mask
-    return jnp.minimum(band.astype(am.dtype)[None, None], am[:, None, None, :]) > 0
+    key = jnp.minimum(band.astype(am.dtype)[None, None], am[:, None, None, :])
+    same = (am[:, None, :, None] == am[:, None, None, :]).astype(am.dtype)
+    return key * same > 0
+
+
+def segment_positions(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] int32 position of each token within its segment (a run of equal mask values): 0, 1, …
+    from each sentence's first token, so a right-padded row gets 0…T−1 and a packed row restarts
+    at every sentence, as if each were alone in its row."""
+    am = attention_mask
+    t = am.shape[-1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    start = jnp.concatenate([jnp.ones_like(am[:, :1], dtype=bool), am[:, 1:] != am[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
 
 
 def causal_mask(attention_mask: jax.Array) -> jax.Array:

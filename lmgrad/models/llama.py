@@ -18,6 +18,7 @@ from lmgrad.models.layers import (
     causal_mask,
     rope_cos_sin,
     run_layers,
+    segment_positions,
 )
 
 
@@ -70,11 +71,12 @@ class LlamaModel(nn.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         c = self.config
-        t = input_ids.shape[-1]
         x = self.embed_tokens(input_ids)
+        positions = segment_positions(attention_mask)
+
         def block_args(_):
             return (causal_mask(attention_mask),
-                    *rope_cos_sin(jnp.arange(t)[None, :], c.inv_freq, c.rope_attention_factor))
+                    *rope_cos_sin(positions, c.inv_freq, c.rope_attention_factor))
 
         x = run_layers(self, "layers", self.layers, x, block_args)
         return self.norm(x)

@@ -3,6 +3,7 @@ selection, tokenisation and length-bucketed batching."""
 from lmgrad.tasks.batching import (
     PAD_ID,
     Batch,
+    PackedBatch,
     bos_id,
     bucket_length,
     degenerate_pairs,
@@ -10,8 +11,10 @@ from lmgrad.tasks.batching import (
     encode_pairs,
     first_difference,
     iter_bucketed,
+    iter_packed,
     iter_pair_batches,
     make_batch,
+    packed_row_length,
 )
 from lmgrad.tasks.blimp import (
     BLIMP_DIR_ENV_VAR,
@@ -28,7 +31,8 @@ from lmgrad.tasks.selection import drop_degenerate, select_tasks, subsample, tas
 
 __all__ = [
     "PAD_ID", "Batch", "bos_id", "bucket_length", "degenerate_pairs", "encode", "encode_pairs",
-    "first_difference", "iter_bucketed", "iter_pair_batches", "make_batch",
+    "first_difference", "iter_bucketed", "iter_pair_batches", "make_batch", "PackedBatch", "iter_packed",
+    "packed_row_length",
     "BLIMP_DIR_ENV_VAR", "BLIMP_UIDS", "blimp_path", "blimp_source_dir", "blimp_taxonomy", "blimp_uids",
     "load_blimp", "set_blimp_dir",
     "Pair", "Task", "TaskDataError", "load_jsonl", "normalise_field", "parse_jsonl",
