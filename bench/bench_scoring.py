@@ -5,17 +5,20 @@
     python bench/bench_scoring.py --model /ckpt/pythia-70m --tasks term:island_effects
 
 In one process, on the same sentences cut into the same length-bucketed batches
-(`lmgrad.tasks.iter_bucketed`, exactly what `lmgrad.scoring.score_sequences` and so
-`launch/evaluate.py` build), it measures sentences/s of:
+(`lmgrad.tasks.iter_bucketed`, what `score_sequences(pack=False)` builds, one right-padded sentence per
+row, as transformers users batch), it measures sentences/s of:
 
-* lmgrad float32: the jitted `make_score_fn(logits_fn(model))` that `score_sequences` uses, after a
-  warm-up pass that compiles every bucket shape (compile seconds reported separately, read from
-  jax.monitoring's compile-duration events);
+* lmgrad float32: the jitted `make_score_fn(logits_fn(model))` on those batches, after a warm-up pass
+  that compiles every bucket shape (compile seconds reported separately, read from jax.monitoring's
+  compile-duration events): the like-for-like comparison of the two frameworks' kernels;
+* lmgrad packed (`lmgrad_packed`): `score_sequences` as `launch/evaluate.py` calls it, sentences packed
+  several to a row (`lmgrad.tasks.iter_packed`), so little compute goes to padding: the same job
+  (the same sentences' log-probs), less work;
 * transformers float32: `AutoModelForCausalLM` on the same checkpoint, `torch.no_grad()`, torch threads
   = the cores this process may use, the same sum of masked token log-probs computed in torch;
 * optionally (--bf16) lmgrad with bfloat16 parameters and compute;
-* optionally (--e2e) one cold `score_sequences` call, i.e. what `launch/evaluate.py` reports, compile
-  included (it builds a fresh jit per call, so every call recompiles).
+* optionally (--e2e) one `score_sequences(pack=False)` call after the warm-up (the cached scorer
+  compiles nothing).
 
 Timed passes of the frameworks are interleaved (jax, torch, [bf16]) repeat by repeat, so load from other
 processes on a shared machine hits all of them about alike; the reported rate is the median over
@@ -24,7 +27,7 @@ OpenMP pool suffers more), so each repeat's ratio and the ratio of the fastest r
 compared (max abs diff printed; exit status 1 if they differ beyond rtol 1e-4 / atol 1e-3, the tolerance
 of tests/test_smollm2.py).
 
-Prints a table and appends one JSON line per configuration (float32, bfloat16) to
+Prints a table and appends one JSON line per configuration (float32, packed, bfloat16) to
 bench/results/scoring.jsonl.
 """
 from __future__ import annotations
@@ -206,6 +209,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"lmgrad float32 warm-up {warm_s:.1f}s ({clock.compiles} compiles, {clock.seconds:.1f}s compiling)",
           flush=True)
 
+    # --- lmgrad float32, packed rows: `score_sequences`' default (several sentences per row, no
+    # padding beyond each row's end); other batches than the bucketed ones, the same sentences.
+    with clock:
+        warm_s, lp = timed(lambda: score_sequences(model, seqs, batch_size=args.batch_size))
+    runs["lmgrad_packed"] = {"fn": lambda: score_sequences(model, seqs, batch_size=args.batch_size),
+                             "warmup_s": warm_s, "compile_s": clock.seconds, "compiles": clock.compiles, "lp": lp}
+    print(f"lmgrad packed warm-up {warm_s:.1f}s ({clock.compiles} compiles, {clock.seconds:.1f}s compiling)",
+          flush=True)
+
     if args.bf16:
         # Casting the float32 params equals load_model(dtype="bfloat16") (same round-to-nearest cast of the
         # same dequantised tensors) and saves a second checkpoint read; compute follows the param dtype.
@@ -239,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             r["max_abs_diff"] = float(np.max(np.abs(r["lp"] - ref_lp)))
             r["decisions_agree"] = int(np.sum((r["lp"][:len(pairs)] > r["lp"][len(pairs):])
                                               == (ref_lp[:len(pairs)] > ref_lp[len(pairs):])))
-            if name == "lmgrad_f32":
+            if name in ("lmgrad_f32", "lmgrad_packed"):
                 r["match"] = bool(np.allclose(r["lp"], ref_lp, rtol=RTOL, atol=ATOL))
                 ok = ok and r["match"]
             print(f"{name} vs torch_f32: max |Δ log p| = {r['max_abs_diff']:.2e} over {n} sentences "
@@ -261,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     e2e = None
     if args.e2e:
         with clock:
-            dt, lp = timed(lambda: score_sequences(model, seqs, batch_size=args.batch_size))
+            dt, lp = timed(lambda: score_sequences(model, seqs, batch_size=args.batch_size, pack=False))
         e2e = {"seconds": dt, "sentences_per_s": n / dt, "compile_s": clock.seconds, "compiles": clock.compiles,
                "max_abs_diff_vs_warm": float(np.max(np.abs(lp - runs["lmgrad_f32"]["lp"])))}
         print(f"score_sequences cold call: {dt:.1f}s = {n / dt:.2f} sentences/s "
@@ -321,12 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "torch_times_s": runs["torch_f32"]["times"] if torch_sps else None,
         }
         rows = []
-        for name in ("lmgrad_f32", "lmgrad_bf16"):
+        for name in ("lmgrad_f32", "lmgrad_bf16", "lmgrad_packed"):
             if name not in runs:
                 continue
             r = runs[name]
             rows.append({**base,
-                         "dtype": "float32" if name == "lmgrad_f32" else "bfloat16",
+                         "dtype": "bfloat16" if name == "lmgrad_bf16" else "float32",
+                         "path": "packed rows (score_sequences)" if name == "lmgrad_packed" else "bucketed batches",
                          "lmgrad_sentences_per_s": r["sps"],
                          "lmgrad_times_s": r["times"],
                          "ratio_lmgrad_over_torch": None if torch_sps is None else r["sps"] / torch_sps,

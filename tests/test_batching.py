@@ -272,10 +272,11 @@ def test_iter_packed_holds_every_sentence_once_within_rows():
     L = packed_row_length([len(s) for s in seqs])
     assert L == 64
     batches = list(iter_packed(seqs, rows=3, score_from=score_from))
-    assert all(b.shape == (3, 64) for b in batches)
+    R = batches[0].shape[0]
+    assert R <= 3 and all(b.shape == (R, 64) for b in batches)
     seen = {}
     for b in batches:
-        for r in range(3):
+        for r in range(R):
             segs = b.attention_mask[r]
             n = int((segs > 0).sum())
             assert np.all(segs[:n] > 0) and np.all(segs[n:] == 0)  # padding only at the row's end
@@ -290,7 +291,9 @@ def test_iter_packed_holds_every_sentence_once_within_rows():
                 np.testing.assert_array_equal(b.target_mask[r, cols], (np.arange(len(cols)) >= start).astype(np.float32))
     assert sorted(seen) == list(range(len(seqs)))
     total = sum(len(s) for s in seqs)
-    assert len(batches) * 3 * 64 < 1.2 * total + 3 * 64  # first-fit leaves little but the last batch empty
+    rows_used = sum(int((b.attention_mask[:, 0] > 0).sum()) for b in batches)
+    assert rows_used * 64 < 1.1 * total  # first-fit leaves little padding in the rows
+    assert len(batches) * R - rows_used < len(batches)  # empty rows: fewer than one per batch
     again = list(iter_packed(seqs, rows=3, score_from=score_from))
     assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(batches, again))
 

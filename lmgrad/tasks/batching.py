@@ -284,9 +284,10 @@ def iter_packed(
     score_from: Sequence[int] | None = None,
     max_len: int | None = None,
 ) -> Iterator[PackedBatch]:
-    """[rows, row_len] batches holding every sentence once, packed first-fit by decreasing length
-    (deterministic), so padding is only what is left at the end of a row; the last batch is
-    filled with empty rows. `row_len` defaults to `packed_row_length`.
+    """Batches of at most `rows` rows of `row_len` tokens holding every sentence once, packed first-fit
+    by decreasing length (deterministic), so padding is only what is left at the end of a row. All
+    batches have one shape: the fewest batches that hold the rows, with the rows spread evenly over
+    them (the last may have empty rows). `row_len` defaults to `packed_row_length`.
 
     A packed row computes each sentence as if alone (attention within its segment, positions from
     0), so per-token log-probs summed by `owner` equal `iter_bucketed`'s per-row sums up to float
@@ -312,6 +313,9 @@ def iter_packed(
             r = len(fill) - 1
         fill[r] += n
         members[r].append(i)
+    # As few batches of at most `rows` rows as possible, with the rows spread evenly over them (one
+    # shape for the run, and the last batch not left mostly empty).
+    rows = -(-len(members) // -(-len(members) // rows))
     for lo in range(0, len(members), rows):
         ids = np.full((rows, L), PAD_ID, dtype=np.int32)
         seg = np.zeros((rows, L), dtype=np.int32)
