@@ -179,11 +179,19 @@ def test_projection_seeds_share_the_compiled_factored_function(model, tmp_path):
     tasks = select_tasks("blimp:wh_island", max_pairs_per_task=4)
     sketch_pairs(model, tasks, tmp_path / "s0", opts)
     first = sketch_mod.build_sketcher(model, opts)
-    traces = first.fn.traces
+    traces, factor_traces = first.fn.traces, first.fn.factored.factor_traces
     seed1 = dataclasses.replace(opts, projection_seed=1)
     sketch_pairs(model, tasks, tmp_path / "s1", seed1)
     second = sketch_mod.build_sketcher(model, seed1)
     assert second is not first and second.fn.traces == traces  # nothing traced for seed 1
+    assert second.fn.factored.factor_traces == factor_traces == 1  # nor its factor generator
+    # The factors come from the documented generator: gaussian_matrix(seed, "<weight>/in|out", r, n) / √r.
+    from lmgrad.sketch.projectors import gaussian_matrix
+
+    name, (p_out, p_in) = next((k, v) for k, v in second.fn.factored.factors().items() if v[1] is not None)
+    w = second.fn.factored.modules[name].weight
+    np.testing.assert_allclose(np.asarray(p_in), np.asarray(gaussian_matrix(1, f"{w}/in", *p_in.shape)) / 2.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(p_out), np.asarray(gaussian_matrix(1, f"{w}/out", *p_out.shape)) / 2.0, rtol=1e-6)
     assert second.spec["factored"]["seed"] == 1 and second.layout == first.layout
     sketch_mod._SKETCHERS.clear()
     sketch_pairs(model, tasks, tmp_path / "fresh1", seed1)

@@ -69,7 +69,7 @@ from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm, 
 from lmgrad.params import TYPES, block_fields, flatten, matches, param_info, select
 from lmgrad.scoring import sequence_logprob
 from lmgrad.sketch import hashing
-from lmgrad.sketch.projectors import gaussian_matrix, make_projector
+from lmgrad.sketch.projectors import make_projector
 
 Array = jax.Array
 Layout = list[dict[str, Any]]
@@ -245,15 +245,27 @@ def _io_dims(m: _Module) -> tuple[int, int]:
     return m.shape[0], m.shape[0]  # norms: vectors live in out space
 
 
-def factor_matrices(spec: FactoredSpec, m: _Module, dtype: Any = jnp.float32) -> tuple[Array, Array | None]:
-    """(P_out [r_out, out], P_in [r_in, in] or None for norms), scaled by 1/√r; pure in (seed, name, shape, r)."""
+def _factor_keys(spec: FactoredSpec, m: _Module) -> tuple[np.ndarray, np.ndarray | None]:
+    """The hashed generator keys of (P_out, P_in) (host-side, from the seed and the weight's name)."""
+    key = lambda side: hashing.keys_array(hashing.param_keys(spec.seed, f"{m.weight}/{side}", "gaussian"))  # noqa: E731
+    return key("out"), (None if m.kind in ("layernorm", "rmsnorm") else key("in"))
+
+
+def _factors_from_keys(spec: FactoredSpec, m: _Module, keys: tuple[Any, Any], dtype: Any = jnp.float32):
+    """(P_out, P_in) from `_factor_keys` (traceable: the keys may be arguments of a jit)."""
     n_in, n_out = _io_dims(m)
     r_in, r_out = spec.ranks(m.weight, m.type)
-    p_out = gaussian_matrix(spec.seed, f"{m.weight}/out", r_out, n_out, dtype) * (1 / math.sqrt(r_out))
-    if m.kind in ("layernorm", "rmsnorm"):
+    block = lambda k, r, n: hashing.gaussian_block(jnp.asarray(k), jnp.uint32(0), r, n).astype(dtype)  # noqa: E731
+    p_out = block(keys[0], r_out, n_out) * (1 / math.sqrt(r_out))
+    if keys[1] is None:
         return p_out, None
-    p_in = gaussian_matrix(spec.seed, f"{m.weight}/in", r_in, n_in, dtype) * (1 / math.sqrt(r_in))
-    return p_out, p_in
+    return p_out, block(keys[1], r_in, n_in) * (1 / math.sqrt(r_in))
+
+
+def factor_matrices(spec: FactoredSpec, m: _Module, dtype: Any = jnp.float32) -> tuple[Array, Array | None]:
+    """(P_out [r_out, out], P_in [r_in, in] or None for norms), scaled by 1/√r; pure in (seed, name, shape, r).
+    Each is ``gaussian_matrix(seed, f"{weight}/out" or "/in", r, n) / √r``."""
+    return _factors_from_keys(spec, m, _factor_keys(spec, m), dtype)
 
 
 def _selected(spec: FactoredSpec, names: Sequence[str]) -> list[str]:
@@ -485,6 +497,8 @@ class FactoredSketchFn:
         self.traces = 0
         self._jit = jax.jit(self._counted)
         self._factors: dict[str, tuple[Array, Array | None]] | None = None
+        self._factor_trace_count = [0]
+        self._factor_gen = self._make_factor_gen()
 
     def with_seed(self, seed: int) -> "FactoredSketchFn":
         """This sketch function for another projection seed, sharing the traced and compiled core:
@@ -505,9 +519,25 @@ class FactoredSketchFn:
         """{module path: (P_out, P_in)} for the sketched modules, generated once and cached (a pure
         function of the spec and shapes; ~(in + out)·r floats per module)."""
         if self._factors is None:
-            # One jit for all modules: one compile instead of one per distinct matrix shape.
-            self._factors = jax.jit(lambda: {m.prefix: factor_matrices(self.spec, m) for m in self._used()})()
+            keys = {m.prefix: _factor_keys(self.spec, m) for m in self._used()}
+            self._factors = self._factor_gen(keys)
         return self._factors
+
+    @property
+    def factor_traces(self) -> int:
+        """How often the factor generator was traced (shared with `with_seed` copies)."""
+        return self._factor_trace_count[0]
+
+    def _make_factor_gen(self) -> Callable[[Any], Any]:
+        # One jit for all modules (one compile, not one per matrix shape), taking the hashed keys as
+        # arguments so that every projection seed runs the same compiled generator.
+        used, spec, count = self._used(), self.spec, self._factor_trace_count
+
+        def gen(keys):
+            count[0] += 1
+            return {m.prefix: _factors_from_keys(spec, m, keys[m.prefix]) for m in used}
+
+        return jax.jit(gen)
 
     def _counted(self, params, good, bad, factors):
         self.traces += 1
