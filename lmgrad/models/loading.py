@@ -46,9 +46,9 @@ from lmgrad.params import flatten, head_weight, unflatten
 
 DEFAULT_SPEC = "smollm2"
 # `load_model`'s default for `scan_layers`: "1" in this variable turns scanning on. Off by default
-# until measured on an accelerator and a quiet CPU: on 2 loaded CPU cores it cut SmolLM2-135M's
-# compile time 2.6x (forward) and 1.5x (per-example differential), run times within noise
-# (bench/results/compile.json, bench/README.md).
+# until measured on an accelerator: on 2 CPU cores it cuts SmolLM2-135M's tracing 5x, but XLA's
+# compile stays about the same and the scanned factored sketch ran 1.6x slower per call on idle
+# cores (bench/results/compile*.json, bench/README.md).
 SCAN_ENV_VAR = "LMGRAD_SCAN_LAYERS"
 
 _FAMILIES: dict[str, type[nn.Module]] = {
