@@ -69,7 +69,7 @@ from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm, 
 from lmgrad.params import TYPES, block_fields, flatten, matches, param_info, select
 from lmgrad.scoring import sequence_logprob
 from lmgrad.sketch import hashing
-from lmgrad.sketch.projectors import make_projector
+from lmgrad.sketch.projectors import gaussian_matrix, make_projector
 
 Array = jax.Array
 Layout = list[dict[str, Any]]
@@ -264,8 +264,15 @@ def _factors_from_keys(spec: FactoredSpec, m: _Module, keys: tuple[Any, Any], dt
 
 def factor_matrices(spec: FactoredSpec, m: _Module, dtype: Any = jnp.float32) -> tuple[Array, Array | None]:
     """(P_out [r_out, out], P_in [r_in, in] or None for norms), scaled by 1/√r; pure in (seed, name, shape, r).
-    Each is ``gaussian_matrix(seed, f"{weight}/out" or "/in", r, n) / √r``."""
-    return _factors_from_keys(spec, m, _factor_keys(spec, m), dtype)
+    The same matrices as `_factors_from_keys` (the generator `FactoredSketchFn.factors` compiles once
+    for all seeds), through `gaussian_matrix`'s per-shape jit, which is fast outside a trace."""
+    n_in, n_out = _io_dims(m)
+    r_in, r_out = spec.ranks(m.weight, m.type)
+    p_out = gaussian_matrix(spec.seed, f"{m.weight}/out", r_out, n_out, dtype) * (1 / math.sqrt(r_out))
+    if m.kind in ("layernorm", "rmsnorm"):
+        return p_out, None
+    p_in = gaussian_matrix(spec.seed, f"{m.weight}/in", r_in, n_in, dtype) * (1 / math.sqrt(r_in))
+    return p_out, p_in
 
 
 def _selected(spec: FactoredSpec, names: Sequence[str]) -> list[str]:
