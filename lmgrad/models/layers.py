@@ -219,14 +219,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     return o.reshape(b, t, h * d)
 
 
-_RECORDED = ("intermediates", "perturbations")
-
-
-def _records(module: nn.Module) -> bool:
-    """Whether this apply records per-layer collections (the factored sketch's x and δ)."""
-    return any(module.is_mutable_collection(c) or c in module.variables for c in _RECORDED)
-
-
 def unrolled(module: nn.Module) -> nn.Module:
     """`module` with its blocks unrolled (`scan_layers=False`); the same params apply to both.
 
@@ -265,33 +257,24 @@ def run_layers(
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *(params[f"{name}_{i}"] for i in range(n)))
     # An unbound copy of block 0's definition (blocks differ only in their params and index).
     body_module = layers[0].clone(parent=None)
-    idx = jnp.arange(n, dtype=jnp.int32)
-    if _records(parent):
-        return _scan_recorded(parent, name, body_module, stacked, idx, x, block_args, pass_index)
-
-    def body(h: jax.Array, xs: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
-        p, i = xs
-        kw = {"layer_idx": i} if pass_index else {}
-        return body_module.apply({"params": p}, h, *block_args(i), **kw), None
-
-    x, _ = jax.lax.scan(body, x, (stacked, idx))
-    return x
+    return _scan(parent, name, body_module, stacked, jnp.arange(n, dtype=jnp.int32), x, block_args, pass_index)
 
 
 STACKED = "_stacked"
 
 
-def _scan_recorded(
+def _scan(
     parent: nn.Module, name: str, body_module: nn.Module, stacked: Any, idx: jax.Array, x: jax.Array,
     block_args: Callable[[Any], tuple[Any, ...]], pass_index: bool,
 ) -> jax.Array:
-    """The scanned stack of an apply that records 'intermediates' or 'perturbations'.
+    """The blocks as one `lax.scan` of `body_module` over their stacked params.
 
-    Each block's collections travel through the scan with a leading [L] axis and are stored on the
-    parent under ``{name}_stacked`` (so HF-flattened keys read ``model.layers_stacked.…``): the
-    intermediates a block sows come out stacked, and the perturbations are taken (or, in a pass
-    that creates them, made) stacked, so their gradient is every block's δ in one [L, …] array.
-    `unstack_recorded` turns such keys back into per-block ones."""
+    In an apply that records 'intermediates' or 'perturbations', each block's collections travel
+    through the scan with a leading [L] axis and are stored on the parent under ``{name}_stacked``
+    (so HF-flattened keys read ``model.layers_stacked.…``): the intermediates a block sows come out
+    stacked, and the perturbations are taken (or, in a pass that creates them, made) stacked, so
+    their gradient is every block's δ in one [L, …] array. `unstack_recorded` turns such keys back
+    into per-block ones."""
     key = f"{name}{STACKED}"
     sow = parent.is_mutable_collection("intermediates")
     pert = parent.variables.get("perturbations", {}).get(key)
