@@ -86,7 +86,7 @@ def score_sequences(
         row_len = packed_row_length([len(s) for s in seqs], max_len=model.max_length)
         out[:] = 0.0
         for batch in iter_packed(seqs, rows=max(1, batch_size * 32 // row_len), row_len=row_len,
-                                 score_from=score_from, max_len=model.max_length):
+                                 score_from=score_from):
             lp = np.asarray(score(model.params, batch.input_ids, batch.attention_mask, batch.target_mask),
                             dtype=np.float64)
             held = batch.owner >= 0
