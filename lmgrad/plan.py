@@ -202,7 +202,14 @@ def _measure(job: str, config: Any, mesh: Any, opts: Any, rows: int, seq_len: in
             factors = _factor_shapes(sk.fn.factored)
             sketch_state = _tree_bytes(factors)
             prepare = lambda p: (p, factors)  # noqa: E731
-        compiled = sk.fn.lower_shapes(model.params, rows, seq_len, prepare).compile()
+        from lmgrad.jobs.sketch import packed_shape, packs
+
+        if packs(opts):  # `rows` pairs of two `seq_len`-token sentences, packed as the sketch stage packs them
+            row_len, n_rows = packed_shape([2 * seq_len], rows)
+            compiled = sk.packed.lower_shapes(model.params, n_rows, row_len, prepare,
+                                              slots=max(1, row_len // (2 * seq_len))).compile()
+        else:
+            compiled = sk.fn.lower_shapes(model.params, rows, seq_len, prepare).compile()
     else:
         compiled = _stage_fn(job, config, mesh, params, shardings, rows, seq_len)
     mem = compiled.memory_analysis()

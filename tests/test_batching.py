@@ -304,3 +304,54 @@ def test_iter_packed_names_an_overlong_sentence():
     seqs = [np.ones(5, np.int64), np.ones(40, np.int64)]
     with pytest.raises(TaskDataError, match="item 1 has 40 tokens, more than max_len=32"):
         list(iter_packed(seqs, rows=2, max_len=32))
+
+
+def test_iter_packed_pairs_keeps_each_pair_in_one_row():
+    from lmgrad.tasks import iter_packed_pairs
+
+    rng = np.random.default_rng(1)
+    n = 61
+    good = [rng.integers(1, 50, k) for k in rng.integers(2, 18, n)]
+    bad = [rng.integers(1, 50, k) for k in rng.integers(2, 18, n)]
+    sg = [int(rng.integers(1, 3)) for _ in range(n)]
+    sb = [int(rng.integers(1, 3)) for _ in range(n)]
+    batches = list(iter_packed_pairs(good, bad, rows=4, score_from_good=sg, score_from_bad=sb))
+    R, L = batches[0].shape
+    Q = batches[0].index.shape[1]
+    assert L == 64 and R <= 4 and all(b.shape == (R, L) and b.index.shape == (R, Q) for b in batches)
+    seen = []
+    for b in batches:
+        for r in range(R):
+            segs, slot = b.attention_mask[r], b.slot[r]
+            used = int((segs > 0).sum())
+            assert np.all(segs[:used] > 0) and np.all(segs[used:] == 0) and np.all(slot[used:] == -1)
+            pairs_here = [int(i) for i in b.index[r] if i >= 0]
+            assert list(b.index[r, :len(pairs_here)]) == pairs_here  # filled slots first
+            for q, i in enumerate(pairs_here):
+                seen.append(i)
+                # good then bad, two consecutive segments, both in slot q
+                g_cols, b_cols = np.flatnonzero(segs == 2 * q + 1), np.flatnonzero(segs == 2 * q + 2)
+                assert np.all(slot[g_cols] == q) and np.all(slot[b_cols] == q)
+                assert b_cols[0] == g_cols[-1] + 1
+                np.testing.assert_array_equal(b.input_ids[r, g_cols], good[i])
+                np.testing.assert_array_equal(b.input_ids[r, b_cols], bad[i])
+                # signed targets: + on the good sentence's scored tokens, − on the bad one's
+                np.testing.assert_array_equal(b.target_mask[r, g_cols], (np.arange(len(good[i])) >= sg[i]) * 1.0)
+                np.testing.assert_array_equal(b.target_mask[r, b_cols], (np.arange(len(bad[i])) >= sb[i]) * -1.0)
+            assert np.all(slot[:used] < len(pairs_here))
+    assert sorted(seen) == list(range(n))
+    tokens = sum(len(g) + len(b) for g, b in zip(good, bad))
+    rows_used = sum(int((b.index[:, 0] >= 0).sum()) for b in batches)
+    assert rows_used * L < 1.1 * tokens  # whole pairs still pack tightly
+    again = list(iter_packed_pairs(good, bad, rows=4, score_from_good=sg, score_from_bad=sb))
+    assert all(np.array_equal(a.index, b.index) for a, b in zip(batches, again))
+
+
+def test_iter_packed_pairs_names_an_overlong_pair():
+    from lmgrad.tasks import iter_packed_pairs
+
+    good, bad = [np.ones(5, np.int64), np.ones(20, np.int64)], [np.ones(6, np.int64), np.ones(15, np.int64)]
+    with pytest.raises(TaskDataError, match=r"pair 1 has 35 tokens \(good 20 \+ bad 15\), more than the row length 32"):
+        list(iter_packed_pairs(good, bad, rows=2, row_len=32))
+    with pytest.raises(ValueError, match="slots=1"):
+        list(iter_packed_pairs(good[:1] * 3, bad[:1] * 3, rows=2, row_len=32, slots=1))

@@ -247,3 +247,44 @@ def test_shard_map_equals_single_device(case):
 
     got = sharded(model.params, as_arrays(g8), as_arrays(b8), fn.factors())
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_packed_pairs_equal_the_exact_reference(case):
+    """Pairs packed side by side into rows (`iter_packed_pairs`: segments, restarted positions,
+    signed targets, per-slot sums) give each pair the sketch of its own exact gradient
+    differential: the float64 oracle, not the bucketed path."""
+    from lmgrad.tasks import iter_packed_pairs
+
+    model, good, bad, grads = case
+    spec = FactoredSpec(seed=3, r_in=4, r_out=5, overrides={"mlp": (3, 6), "embed": (6, 7), "*.o_proj.*": (2, 2)})
+    fn = make_factored_sketch_fn(model, spec)
+    ref, layout = project_exact(spec, fn.modules, grads)
+    seqs = lambda d, lens: [d["input_ids"][i, :n] for i, n in enumerate(lens)]  # noqa: E731
+    # Pairs of 17, 11 and 24 tokens in rows of 32: one row holds two pairs, the other one and an
+    # empty slot, so segments, slots and an empty slot are all exercised.
+    (batch,) = iter_packed_pairs(seqs(good, GOOD), seqs(bad, BAD), rows=4, row_len=32)
+    assert batch.shape == (2, 32) and batch.index.shape == (2, 2) and (batch.index < 0).sum() == 1
+    out, got_layout = fn.packed(model.params, batch)
+    out = np.asarray(out)
+    assert got_layout == layout and out.shape == (2, 2, fn.dim)
+    valid = batch.index >= 0
+    assert np.all(out[~valid] == 0.0), "an empty slot is exactly zero"
+    order = batch.index[valid]
+    _check_blocks(out[valid][np.argsort(order)], ref[:3], layout)
+
+
+@pytest.mark.parametrize("model", ["gpt2"], indirect=True)
+def test_packed_sharded_equals_single_device(case):
+    """The packed core under shard_map over rows (4 fake devices; 2 real rows padded to 4) equals
+    the single-device call: pairs never straddle rows, so no device needs another's tokens."""
+    from lmgrad.grads import make_mesh, sharded_factored_fn
+    from lmgrad.tasks import iter_packed_pairs
+
+    model, good, bad, _ = case
+    fn = make_factored_sketch_fn(model, FactoredSpec(seed=2, r_in=3, r_out=3, overrides=()))
+    seqs = lambda d, lens: [d["input_ids"][i, :n] for i, n in enumerate(lens)]  # noqa: E731
+    (batch,) = iter_packed_pairs(seqs(good, GOOD), seqs(bad, BAD), rows=4, row_len=32)
+    want, _ = fn.packed(model.params, batch)
+    got = sharded_factored_fn(fn, make_mesh(4)).packed(model.params, batch)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6 * np.abs(want).max())

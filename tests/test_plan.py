@@ -9,6 +9,7 @@ peak RSS against the size of the weights it would need.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -22,12 +23,11 @@ import pytest
 from helpers_tokenizer import save_tiny_llama
 from lmgrad import plan as lplan
 from lmgrad import sharding
-from lmgrad.jobs.sketch import SketchOptions, build_sketcher
-from lmgrad.tasks.batching import iter_pair_batches
+from lmgrad.jobs.sketch import SketchOptions, build_sketcher, sketch_batches
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MESH = "data:1,fsdp:2"
-SEQ = 16  # a length bucket of iter_pair_batches, so the real batch is [B, SEQ]
+SEQ = 16  # a length bucket, and pairs of 2·SEQ fill packed rows of 64 exactly: the real batches are the planned ones
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +38,22 @@ def ckpt(tmp_path_factory):
 
 
 def _real(model, opts, mesh, rows):
-    """(compiled memory analysis, sketch) of the real sketch function on real arrays, `rows` pairs."""
+    """(compiled memory analysis, sketch) of the real sketch function on the real first batch the
+    sketch stage makes of `rows` pairs of SEQ-token sentences (packed or bucketed as `opts` say)."""
     sk = build_sketcher(model, opts, mesh=mesh)
     ids = [np.arange(1, SEQ + 1, dtype=np.int32) % 500 + 3 for _ in range(rows)]
     bad = [np.where(np.arange(SEQ) == 4, 7, g).astype(np.int32) for g in ids]
-    (g, b), = iter_pair_batches(ids, bad, batch_size=rows, min_len=SEQ)
-    mem = sk.fn.lower(model.params, g, b).compile().memory_analysis()
+    ones = np.ones(rows, np.int64)
+    first = sketch_batches(ids, bad, dataclasses.replace(opts, batch_size=rows), score_from_good=ones,
+                           score_from_bad=ones, max_len=None)[0]
+    fn = sk.packed if opts.pack else sk.fn
+    mem = fn.lower(model.params, *(first if isinstance(first, tuple) else (first,))).compile().memory_analysis()
     return mem, sk
 
 
-def test_plan_arithmetic_against_measured_small_model(ckpt):
-    opts = SketchOptions(method="factored", r_in=4, r_out=4, overrides=(), batch_size=4)
+@pytest.mark.parametrize("pack", [True, False])
+def test_plan_arithmetic_against_measured_small_model(ckpt, pack):
+    opts = SketchOptions(method="factored", r_in=4, r_out=4, overrides=(), batch_size=4, pack=pack)
     p = lplan.plan(str(ckpt), mesh=MESH, sketch=opts, seq_len=SEQ, batch_size=4, device_memory_gb=1.0, depth="full")
     mesh = sharding.mesh_from_spec(MESH)
     model = sharding.load_sharded(str(ckpt), mesh, tokenizer=False)

@@ -326,3 +326,22 @@ def test_token_identical_pairs_are_dropped_and_recorded(model, tmp_path):
     assert st.config["loss"]["dropped_token_identical"] == [["case", "0"]]
     assert [t["n_token_identical_dropped"] for t in st.config["tasks"]] == [1]
     assert np.abs(st.sketches).sum() > 0
+
+
+def test_packed_factored_killed_and_resumed_on_other_process_counts(model, tmp_path):
+    # The factored default packs pairs into rows: a run stopped after a batch, resumed as two
+    # processes (each stopped after a batch), then as one, ends with the rows, order and metadata
+    # of an uninterrupted run; the store says how its rows were batched.
+    opts = SketchOptions(method="factored", r_in=4, r_out=4, overrides=(), batch_size=3)
+    tasks = select_tasks("blimp:passive_1,wh_island", max_pairs_per_task=7)
+    sketch_pairs(model, tasks, tmp_path / "single", opts)
+    single = lstore.open(tmp_path / "single")
+    assert single.config["batching"] == "packed" and single.complete
+    work = tmp_path / "w"
+    sketch_pairs(model, tasks, work, opts, max_batches=1)
+    for i in range(2):
+        sketch_pairs(model, tasks, work, opts, resume=True, max_batches=1, process_index=i, process_count=2)
+    mid = lstore.open(work)
+    assert not mid.complete and 0 < len(mid) < len(single)
+    sketch_pairs(model, tasks, work, opts, resume=True)
+    _assert_same_rows(single, lstore.open(work))

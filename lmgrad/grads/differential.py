@@ -65,6 +65,37 @@ def as_arrays(batch: Any) -> dict[str, Array]:
     return out
 
 
+def packed_arrays(batch: Any) -> dict[str, Array]:
+    """A `lmgrad.tasks.PackedPairBatch` (or mapping with its fields) → {input_ids, attention_mask,
+    target_mask, slot: [R, L]; valid: [R, Q]} as JAX arrays.
+
+    Raises:
+      ValueError: a field is missing or the shapes disagree (the message names the field).
+    """
+    get = (lambda k: batch[k]) if isinstance(batch, Mapping) else (lambda k: getattr(batch, k))
+    fields = {"input_ids": jnp.int32, "attention_mask": jnp.int32, "target_mask": jnp.float32, "slot": jnp.int32}
+    out = {}
+    for k, dt in fields.items():
+        try:
+            out[k] = jnp.asarray(get(k), dt)
+        except (KeyError, AttributeError):
+            raise ValueError(f"packed batch lacks field {k!r} (needs {list(fields)} and 'index' or 'valid')") from None
+    shape = tuple(out["input_ids"].shape)
+    if len(shape) != 2:
+        raise ValueError(f"packed batch field 'input_ids' must be [R, L], got shape {shape}")
+    for k in fields:
+        if tuple(out[k].shape) != shape:
+            raise ValueError(f"packed batch field {k!r} has shape {tuple(out[k].shape)}, input_ids has {shape}")
+    try:
+        valid = np.asarray(get("valid"))
+    except (KeyError, AttributeError):
+        valid = np.asarray(get("index")) >= 0
+    if valid.ndim != 2 or valid.shape[0] != shape[0]:
+        raise ValueError(f"packed batch field 'valid' must be [R, Q] with R = {shape[0]}, got {valid.shape}")
+    out["valid"] = jnp.asarray(valid, bool)
+    return out
+
+
 def check_pair(good: Mapping[str, Array], bad: Mapping[str, Array]) -> None:
     if good["input_ids"].shape != bad["input_ids"].shape:
         raise ValueError(

@@ -64,10 +64,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmgrad.grads.differential import check_pair, sanitize, as_arrays
+from lmgrad.grads.differential import as_arrays, check_pair, packed_arrays, sanitize
 from lmgrad.models.layers import Conv1D, Embedding, LayerNorm, Linear, RMSNorm, unrolled, unstack_recorded
 from lmgrad.params import TYPES, block_fields, flatten, matches, param_info, select
-from lmgrad.scoring import sequence_logprob
+from lmgrad.scoring import sequence_logprob, token_logprobs
 from lmgrad.sketch import hashing
 from lmgrad.sketch.projectors import gaussian_matrix, make_projector
 
@@ -384,65 +384,99 @@ def _proj(a: Array, p: Array) -> Array:
     return jnp.einsum("ntd,rd->ntr", a, p.astype(a.dtype), precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _pair_outer(c: Array, a: Array) -> Array:
-    """Σ over (good, bad) rows and tokens of c ⊗ a: [2B, T, r_o], [2B, T, r_i] → [B, r_o, r_i]."""
-    n, t = c.shape[:2]
-    c2, a2 = c.reshape(2, n // 2, t, -1), a.reshape(2, n // 2, t, -1)
-    return jnp.einsum("sbto,sbti->boi", c2, a2, precision=_HIGHEST)
+class _PairRows:
+    """Pairs as rows of a bucketed batch: [2B, T] with the B good rows first, then the B bad rows;
+    pair b sums rows b and B + b (the bad row's sign is already in its δ)."""
+
+    def outer(self, c: Array, a: Array) -> Array:
+        """Σ over (good, bad) rows and tokens of c ⊗ a: [..., 2B, T, r_o], [..., 2B, T, r_i] → [..., B, r_o, r_i]."""
+        *lead, n, t, o = c.shape
+        c2, a2 = c.reshape(*lead, 2, n // 2, t, o), a.reshape(*lead, 2, n // 2, t, a.shape[-1])
+        return jnp.einsum("...sbto,...sbti->...boi", c2, a2, precision=_HIGHEST)
+
+    def total(self, v: Array) -> Array:
+        """[..., 2B, T, r] → [..., B, r]: Σ over (good, bad) rows and tokens."""
+        *lead, n, t, r = v.shape
+        return v.reshape(*lead, 2, n // 2, t, r).sum(axis=(-4, -2))
 
 
-def _pair_sum(v: Array) -> Array:
-    """[2B, T, r] → [B, r]: Σ over (good, bad) rows and tokens."""
-    n = v.shape[0]
-    return v.reshape(2, n // 2, *v.shape[1:]).sum(axis=(0, 2))
+class _Slots:
+    """Pairs in the slots of packed rows (`lmgrad.tasks.iter_packed_pairs`): `onehot` [N, T, Q] says
+    which of its row's Q pairs a token belongs to; pair (n, q) sums its tokens, so the result has
+    N·Q pairs in row-major order."""
+
+    def __init__(self, onehot: Array):
+        self.onehot = onehot
+
+    def outer(self, c: Array, a: Array) -> Array:
+        """[..., N, T, r_o], [..., N, T, r_i] → [..., N·Q, r_o, r_i]: Σ over each slot's tokens of c ⊗ a."""
+        *lead, n, t, o = c.shape
+        i, q = a.shape[-1], self.onehot.shape[-1]
+        # The slot one-hot multiplies the narrower factor; the sum over tokens is then one batched
+        # matmul per row, [r_o, T] @ [T, Q·r_i].
+        if i <= o:
+            aq = (a[..., None, :] * self.onehot[..., None]).reshape(*lead, n, t, q * i)
+            s = jnp.einsum("...nto,...ntk->...nok", c, aq, precision=_HIGHEST).reshape(*lead, n, o, q, i)
+            s = jnp.moveaxis(s, -2, -3)
+        else:
+            cq = (c[..., None, :] * self.onehot[..., None]).reshape(*lead, n, t, q * o)
+            s = jnp.einsum("...ntk,...nti->...nki", cq, a, precision=_HIGHEST).reshape(*lead, n, q, o, i)
+        return s.reshape(*lead, n * q, o, i)
+
+    def total(self, v: Array) -> Array:
+        """[..., N, T, r] → [..., N·Q, r]: Σ over each slot's tokens."""
+        *lead, n, t, r = v.shape
+        s = jnp.einsum("...ntr,ntq->...nqr", v, self.onehot.astype(v.dtype), precision=_HIGHEST)
+        return s.reshape(*lead, n * self.onehot.shape[-1], r)
 
 
 def _module_blocks(
     spec: FactoredSpec, m: _Module, factors: tuple[Array, Array | None], want: set[str],
-    inter: Mapping[str, Any], dys: Mapping[str, Array], tok: Array,
+    inter: Mapping[str, Any], dys: Mapping[str, Array], tok: Array, pairs: "_PairRows | _Slots",
 ) -> dict[str, Array]:
-    """{param name: [B, size]} for one module from captured x / δ; tok [2B, T] token mask."""
+    """{param name: [P, size]} for one module from captured x / δ; tok [N, T] token mask, `pairs` how
+    the N rows' tokens sum into P pairs."""
     p_out, p_in = factors
     mask = tok[..., None]
     z = lambda v: jnp.where(mask, v, 0.0)  # noqa: E731
     out: dict[str, Array] = {}
-    b2 = tok.shape[0]
+    flat = lambda v: v.reshape(v.shape[0], -1)  # noqa: E731
     if m.kind in ("linear", "conv1d"):
         x, dy = _one(inter.get(f"{m.prefix}.x"), m.prefix), dys[f"{m.prefix}.dy"]
         c = z(_proj(dy, p_out))
         if m.weight in want:
-            out[m.weight] = _pair_outer(c, z(_proj(x, p_in))).reshape(b2 // 2, -1)
+            out[m.weight] = flat(pairs.outer(c, z(_proj(x, p_in))))
         if m.bias and m.bias in want:
-            out[m.bias] = _pair_sum(c) if spec.handle_vectors == "project" else _pair_sum(z(dy.astype(jnp.float32)))
+            out[m.bias] = pairs.total(c if spec.handle_vectors == "project" else z(dy.astype(jnp.float32)))
     elif m.kind == "embedding":
         if m.weight in want:
             ids = _one(inter.get(f"{m.prefix}.ids"), m.prefix)
             dy = dys[f"{m.prefix}.dy"]
             rows = jnp.take(p_out.T, ids, axis=0)  # P_out one-hot(id) = column id of P_out
-            s = _pair_outer(z(rows), z(_proj(dy, p_in)))
+            s = pairs.outer(z(rows), z(_proj(dy, p_in)))
             if m.tied_head:
                 h, dl = _one(inter.get(f"{m.prefix}.head_x"), m.prefix), dys[f"{m.prefix}.head_dy"]
-                s = s + _pair_outer(z(_proj(dl, p_out)), z(_proj(h, p_in)))
-            out[m.weight] = s.reshape(b2 // 2, -1)
+                s = s + pairs.outer(z(_proj(dl, p_out)), z(_proj(h, p_in)))
+            out[m.weight] = flat(s)
     else:  # layernorm / rmsnorm
         xh, dy = _one(inter.get(f"{m.prefix}.xhat"), m.prefix), dys[f"{m.prefix}.dy"]
         # A norm applied per head (Gemma-3's QK-norm) sees [2B, T, H, D]: sum its heads like tokens.
         xh = xh.astype(jnp.float32).reshape(*xh.shape[:2], -1, xh.shape[-1])
         dy = dy.astype(jnp.float32).reshape(xh.shape)
-        gw = _pair_sum(z((dy * xh).sum(2)))
+        gw = pairs.total(z((dy * xh).sum(2)))
         dy = z(dy.sum(2))
         exact = spec.handle_vectors == "exact"
         if m.weight in want:
             out[m.weight] = gw if exact else jnp.einsum("bd,rd->br", gw, p_out, precision=_HIGHEST)
         if m.bias and m.bias in want:
-            gb = _pair_sum(dy)
+            gb = pairs.total(dy)
             out[m.bias] = gb if exact else jnp.einsum("bd,rd->br", gb, p_out, precision=_HIGHEST)
     return out
 
 
 def _grouped_linear_blocks(
     spec: FactoredSpec, group: Sequence[_Module], factors: Mapping[str, tuple[Array, Array | None]], want: set[str],
-    inter: Mapping[str, Any], dys: Mapping[str, Array], tok: Array,
+    inter: Mapping[str, Any], dys: Mapping[str, Array], tok: Array, pairs: "_PairRows | _Slots",
 ) -> dict[str, Array]:
     """`_module_blocks` for G Linear/Conv1D modules of one (in, out, r_in, r_out) shape at once: x, δ and
     the factors are stacked so each stage is one batched matmul instead of G small ones (the same
@@ -455,18 +489,16 @@ def _grouped_linear_blocks(
     p_in = jnp.stack([factors[m.prefix][1] for m in group])
     c = z(jnp.einsum("gntd,grd->gntr", dy, p_out.astype(dy.dtype), precision=_HIGHEST,
                      preferred_element_type=jnp.float32))
-    g_, n, t = c.shape[:3]
     out: dict[str, Array] = {}
     if any(m.weight in want for m in group):
         a = z(jnp.einsum("gntd,grd->gntr", xs, p_in.astype(xs.dtype), precision=_HIGHEST,
                          preferred_element_type=jnp.float32))
-        c2, a2 = c.reshape(g_, 2, n // 2, t, -1), a.reshape(g_, 2, n // 2, t, -1)
-        w = jnp.einsum("gsbto,gsbti->gboi", c2, a2, precision=_HIGHEST).reshape(g_, n // 2, -1)
+        w = pairs.outer(c, a)
+        w = w.reshape(*w.shape[:2], -1)
         out.update({m.weight: w[i] for i, m in enumerate(group) if m.weight in want})
     biases = [(i, m) for i, m in enumerate(group) if m.bias and m.bias in want]
     if biases:
-        src = c if spec.handle_vectors == "project" else z(dy.astype(jnp.float32))
-        bs = src.reshape(g_, 2, n // 2, t, -1).sum(axis=(1, 3))
+        bs = pairs.total(c if spec.handle_vectors == "project" else z(dy.astype(jnp.float32)))
         out.update({m.bias: bs[i] for i, m in biases})
     return out
 
@@ -503,6 +535,7 @@ class FactoredSketchFn:
         self.dim = sum(e["size"] for e in self.layout)
         self.traces = 0
         self._jit = jax.jit(self._counted)
+        self._packed_jit = jax.jit(self._packed_counted)
         self._factors: dict[str, tuple[Array, Array | None]] | None = None
         self._factor_trace_count = [0]
         self._factor_gen = self._make_factor_gen()
@@ -550,19 +583,45 @@ class FactoredSketchFn:
         self.traces += 1
         return self.core(params, good, bad, factors)
 
+    def _packed_counted(self, params, batch, factors):
+        self.traces += 1
+        return self.packed_core(params, batch, factors)
+
     def core(
         self, params: Any, good: Mapping[str, Array], bad: Mapping[str, Array],
         factors: Mapping[str, tuple[Array, Array | None]] | None = None,
     ) -> Array:
         """Pure [B, K] sketch; `factors` (from `factors()`) or None to generate them in the trace."""
-        if factors is None:
-            factors = {m.prefix: factor_matrices(self.spec, m) for m in self._used()}
         g, bd = sanitize(good), sanitize(bad)
         cat = {k: jnp.concatenate([g[k], bd[k]], axis=0) for k in _FIELDS}
         valid2 = jnp.concatenate([g["valid"], g["valid"]])
         sign = jnp.concatenate([jnp.ones_like(g["target_mask"][:, 0]), -jnp.ones_like(bd["target_mask"][:, 0])])
         sign = jnp.where(valid2, sign, 0.0)
-        ids, am = cat["input_ids"], cat["attention_mask"]
+        am = cat["attention_mask"]
+        tok = (am > 0) & valid2[:, None]
+        out = self._sketch(params, cat["input_ids"], am, sign[:, None] * cat["target_mask"], tok, _PairRows(), factors)
+        return jnp.where(g["valid"][:, None], out, 0.0)
+
+    def packed_core(
+        self, params: Any, batch: Mapping[str, Array], factors: Mapping[str, tuple[Array, Array | None]] | None = None,
+    ) -> Array:
+        """Pure [R, Q, K] sketch of a packed batch (`lmgrad.tasks.PackedPairBatch` fields input_ids,
+        attention_mask (segments), target_mask (signed), slot [R, L] and valid [R, Q]); the pair in
+        slot q of row r is row [r, q]; empty slots are exactly zero. Shape-polymorphic in R."""
+        valid = batch["valid"]
+        r, q = valid.shape
+        onehot = batch["slot"][..., None] == jnp.arange(q, dtype=batch["slot"].dtype)
+        am = batch["attention_mask"]
+        out = self._sketch(params, batch["input_ids"], am, batch["target_mask"], am > 0,
+                           _Slots(onehot.astype(jnp.float32)), factors)
+        return jnp.where(valid[..., None], out.reshape(r, q, -1), 0.0)
+
+    def _sketch(self, params: Any, ids: Array, am: Array, weights: Array, tok: Array, pairs: "_PairRows | _Slots",
+                factors: Mapping[str, tuple[Array, Array | None]] | None) -> Array:
+        """[P, K]: one batched backward of −Σ weights · log p over rows `ids` [N, T] (weights carry
+        each sentence's sign), then every module's x and δ projected and summed into pairs."""
+        if factors is None:
+            factors = {m.prefix: factor_matrices(self.spec, m) for m in self._used()}
 
         def run(pert):
             variables = {"params": params} if pert is None else {"params": params, "perturbations": pert}
@@ -573,18 +632,16 @@ class FactoredSketchFn:
 
         # zeros_like of a batch array keeps its device-variance: inside shard_map, invariant zeros
         # would make grad psum every device's δ (the transpose of the implicit invariant→varying cast).
-        like = cat["target_mask"]
+        like = weights
         shapes = jax.eval_shape(lambda: run(None)[1])["perturbations"]
         pert0 = jax.tree.map(lambda s: jnp.zeros_like(like, shape=s.shape, dtype=s.dtype), shapes)
 
         def loss(pert):
             logits, state = run(pert)
-            nll = -sequence_logprob(logits, ids, cat["target_mask"])
-            return jnp.sum(sign * nll), state["intermediates"]
+            return -jnp.sum(token_logprobs(logits, ids) * weights), state["intermediates"]
 
         dpert, inter = jax.grad(loss, has_aux=True)(pert0)
         dys, inter = unstack_recorded(flatten(dpert)), unstack_recorded(flatten(inter))
-        tok = (am > 0) & valid2[:, None]
         want = {e["name"] for e in self.block_layout}
         blocks: dict[str, Array] = {}
         groups: dict[tuple, list[_Module]] = {}
@@ -592,24 +649,29 @@ class FactoredSketchFn:
             if self.fuse == "grouped" and m.kind in ("linear", "conv1d"):
                 groups.setdefault((_io_dims(m), self.spec.ranks(m.weight, m.type)), []).append(m)
             else:
-                blocks.update(_module_blocks(self.spec, m, factors[m.prefix], want, inter, dys, tok))
+                blocks.update(_module_blocks(self.spec, m, factors[m.prefix], want, inter, dys, tok, pairs))
         for group in groups.values():
             if len(group) == 1:
-                blocks.update(_module_blocks(self.spec, group[0], factors[group[0].prefix], want, inter, dys, tok))
+                blocks.update(_module_blocks(self.spec, group[0], factors[group[0].prefix], want, inter, dys, tok,
+                                             pairs))
             else:
-                blocks.update(_grouped_linear_blocks(self.spec, group, factors, want, inter, dys, tok))
+                blocks.update(_grouped_linear_blocks(self.spec, group, factors, want, inter, dys, tok, pairs))
         blocks = {e["name"]: blocks[e["name"]] for e in self.block_layout}
         if self.spec.global_k is not None:
             proj = make_projector("sjlt", int(self.spec.global_k), self.spec.seed, s=self.spec.global_s)
-            out = proj.project(blocks)
-        else:
-            out = jnp.concatenate([blocks[e["name"]] for e in self.block_layout], axis=1)
-        return jnp.where(g["valid"][:, None], out, 0.0)
+            return proj.project(blocks)
+        return jnp.concatenate([blocks[e["name"]] for e in self.block_layout], axis=1)
 
     def __call__(self, params: Any, good: Any, bad: Any) -> tuple[Array, Layout]:
         g, b = as_arrays(good), as_arrays(bad)
         check_pair(g, b)
         return self._jit(params, g, b, self.factors()), self.layout
+
+    def packed(self, params: Any, batch: Any) -> tuple[Array, Layout]:
+        """float32 [R, Q, K] sketches of a `lmgrad.tasks.PackedPairBatch`: the pair in slot q of row r
+        (`batch.index[r, q]`) is row [r, q], the same sketch `__call__` gives it in a bucketed batch
+        (up to float32 rounding); empty slots are zero."""
+        return self._packed_jit(params, packed_arrays(batch), self.factors()), self.layout
 
 
 def make_factored_sketch_fn(model: Any, spec: FactoredSpec | None = None, params: Any = None) -> FactoredSketchFn:

@@ -35,6 +35,7 @@ from lmgrad.grads.differential import (
     Project,
     check_chunk,
     check_pair,
+    packed_arrays,
     pad_rows,
     per_example_core,
     as_arrays,
@@ -109,41 +110,58 @@ class ShardedRowsFn:
     and reused while the caller passes the same leaves. A ragged batch is padded with invalid zero rows
     to a multiple of `multiple` (devices × chunk) and trimmed after, so every device sees the same
     shapes and a run compiles once per length bucket. `traces` counts traces of `body`.
+
+    `packed=True`: the body is `body(replicated, batch)` on one packed batch
+    (`lmgrad.tasks.PackedPairBatch`, as `packed_arrays` gives it), split over `data` by rows: a pair
+    lies within one row, so no device needs another's tokens.
     """
 
-    def __init__(self, body: Callable[[Any, Any, Any], Any], mesh: Mesh, *, multiple: int = 1,
-                 check_vma: bool = True, shardings: Callable[[Any], Any] | None = None):
+    def __init__(self, body: Callable[..., Any], mesh: Mesh, *, multiple: int = 1,
+                 check_vma: bool = True, shardings: Callable[[Any], Any] | None = None, packed: bool = False):
         self.mesh = mesh
         self.traces = 0
+        self.packed = packed
         self._multiple = mesh.shape[DATA] * multiple
 
-        def counted(replicated, good, bad):
+        def counted(replicated, *batch):
             self.traces += 1
-            return body(replicated, good, bad)
+            return body(replicated, *batch)
 
         sharded = fsdp_size(mesh) > 1
         manual = {"axis_names": {DATA}} if sharded else {}
-        self._fn = jax.jit(jax.shard_map(counted, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)),
+        specs = (P(), P(DATA)) if packed else (P(), P(DATA), P(DATA))
+        self._fn = jax.jit(jax.shard_map(counted, mesh=mesh, in_specs=specs,
                                          out_specs=P(DATA), check_vma=check_vma, **manual))
         self._shardings = shardings if sharded else None
         self._replicated = ReplicaCache(mesh, self._shardings)
 
-    def inputs(self, replicated: Any, good: Any, bad: Any) -> tuple[tuple[Any, Any, Any], int]:
-        """The placed (replicated, good, bad) the compiled function takes, and the real row count."""
-        g, b = as_arrays(good), as_arrays(bad)
-        check_pair(g, b)
-        (g, b), n = pad_rows((g, b), self._multiple)
-        g, b = jax.device_put((g, b), NamedSharding(self.mesh, P(DATA)))
-        return (self._replicated(replicated), g, b), n
+    def place(self, replicated: Any) -> Any:
+        """`replicated` placed on the mesh as the compiled function takes it (cached)."""
+        return self._replicated(replicated)
 
-    def lower(self, replicated: Any, good: Any, bad: Any) -> Any:
+    def inputs(self, replicated: Any, *batch: Any) -> tuple[tuple[Any, ...], int]:
+        """The placed (replicated, good, bad) (or (replicated, packed batch)) the compiled function
+        takes, and the real row count."""
+        if self.packed:
+            (arrays,) = batch
+            arrays = (packed_arrays(arrays),)
+        else:
+            good, bad = batch
+            arrays = (as_arrays(good), as_arrays(bad))
+            check_pair(*arrays)
+        arrays, n = pad_rows(arrays, self._multiple)
+        arrays = jax.device_put(arrays, NamedSharding(self.mesh, P(DATA)))
+        return (self._replicated(replicated), *arrays), n
+
+    def lower(self, replicated: Any, *batch: Any) -> Any:
         """`jax.jit(...).lower` on these inputs (for `compile().memory_analysis()`)."""
-        return self._fn.lower(*self.inputs(replicated, good, bad)[0])
+        return self._fn.lower(*self.inputs(replicated, *batch)[0])
 
-    def lower_shapes(self, replicated: Any, rows: int, seq_len: int) -> Any:
+    def lower_shapes(self, replicated: Any, rows: int, seq_len: int, slots: int = 1) -> Any:
         """`jax.jit(...).lower` for abstract inputs, allocating nothing: `replicated` is a tree of
         `jax.ShapeDtypeStruct` (placed as `__call__` would place arrays), the batch `rows` pairs of
-        `seq_len` tokens (padded as `__call__` pads). For `lmgrad.plan`'s memory analysis."""
+        `seq_len` tokens (padded as `__call__` pads), or for a packed function `rows` rows of
+        `seq_len` tokens with `slots` pairs each. For `lmgrad.plan`'s memory analysis."""
         rows = -(-int(rows) // self._multiple) * self._multiple
         full = NamedSharding(self.mesh, P())
         shard = full if self._shardings is None else self._shardings(replicated)
@@ -154,11 +172,15 @@ class ShardedRowsFn:
         data = NamedSharding(self.mesh, P(DATA))
         one = {k: jax.ShapeDtypeStruct((rows, seq_len), dt, sharding=data)
                for k, dt in (("input_ids", np.int32), ("attention_mask", np.int32), ("target_mask", np.float32))}
+        if self.packed:
+            one["slot"] = jax.ShapeDtypeStruct((rows, seq_len), np.int32, sharding=data)
+            one["valid"] = jax.ShapeDtypeStruct((rows, int(slots)), np.bool_, sharding=data)
+            return self._fn.lower(rep, one)
         one["valid"] = jax.ShapeDtypeStruct((rows,), np.bool_, sharding=data)
         return self._fn.lower(rep, one, dict(one))
 
-    def __call__(self, replicated: Any, good: Any, bad: Any) -> Any:
-        args, n = self.inputs(replicated, good, bad)
+    def __call__(self, replicated: Any, *batch: Any) -> Any:
+        args, n = self.inputs(replicated, *batch)
         out = self._fn(*args)
         return jax.tree.map(lambda x: x[:n], out)
 
@@ -181,29 +203,25 @@ class _ParamsFn:
     def placed(self, params: Any) -> Any:
         """The compiled function's first input as placed on the mesh (for checks of what each
         device holds)."""
-        return self._rows_fn.inputs(self._prepare(params), *_dummy_pair())[0][0]
+        return self._rows_fn.place(self._prepare(params))
 
-    def lower(self, params: Any, good: Any, bad: Any) -> Any:
-        return self._rows_fn.lower(self._prepare(params), good, bad)
+    def lower(self, params: Any, *batch: Any) -> Any:
+        return self._rows_fn.lower(self._prepare(params), *batch)
 
-    def lower_shapes(self, params: Any, rows: int, seq_len: int, prepare: Callable[[Any], Any] | None = None) -> Any:
-        """Lowered for abstract `params` (ShapeDtypeStructs) and a [rows, seq_len] batch; `prepare`
-        replaces the params → replicated-input step where that would compute (the factors)."""
-        return self._rows_fn.lower_shapes((prepare or self._prepare)(params), rows, seq_len)
+    def lower_shapes(self, params: Any, rows: int, seq_len: int, prepare: Callable[[Any], Any] | None = None,
+                     slots: int = 1) -> Any:
+        """Lowered for abstract `params` (ShapeDtypeStructs) and a [rows, seq_len] batch (`slots` pairs
+        per row when packed); `prepare` replaces the params → replicated-input step where that would
+        compute (the factors)."""
+        return self._rows_fn.lower_shapes((prepare or self._prepare)(params), rows, seq_len, slots)
 
-    def __call__(self, params: Any, good: Any, bad: Any) -> Any:
-        return self._rows_fn(self._prepare(params), good, bad)
+    def __call__(self, params: Any, *batch: Any) -> Any:
+        return self._rows_fn(self._prepare(params), *batch)
 
     def with_prepare(self, prepare: Callable[[Any], Any]) -> "_ParamsFn":
         """The same compiled rows function with another params → input step (e.g. another seed's
         factor matrices, which are inputs of the same shapes)."""
         return _ParamsFn(self._rows_fn, prepare)
-
-
-def _dummy_pair() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    one = {"input_ids": np.zeros((1, 2), np.int32), "attention_mask": np.ones((1, 2), np.int32),
-           "target_mask": np.ones((1, 2), np.float32)}
-    return one, dict(one)
 
 
 def _exact(apply_fn: ApplyFn, selected: Sequence[str], mesh: Mesh, chunk_size: int | None,
@@ -259,17 +277,24 @@ def sharded_factored_fn(factored: Any, mesh: Mesh) -> Callable[[Any, Any, Any], 
     shardings = lambda rep: (param_shardings(rep[0], mesh), NamedSharding(mesh, P()))  # noqa: E731
     rows_fn = ShardedRowsFn(lambda rep, g, b: factored.core(rep[0], g, b, rep[1]), mesh, check_vma=False,
                             shardings=shardings)
+    packed_fn = ShardedRowsFn(lambda rep, batch: factored.packed_core(rep[0], batch, rep[1]), mesh,
+                              check_vma=False, shardings=shardings, packed=True)
     # The factors are independent of the params: generated on first use (a dry run never calls
     # this), then cached here and placed once by the replica cache.
-    fn = _ParamsFn(rows_fn, lambda params: (params, factored.factors()))
+    prepare = lambda params: (params, factored.factors())  # noqa: E731
+    fn = _ParamsFn(rows_fn, prepare)
     fn.factored = factored
+    # fn.packed(params, packed_batch) → [R, Q, K] (`FactoredSketchFn.packed`), split over `data` by rows.
+    fn.packed = _ParamsFn(packed_fn, prepare)
     return fn
 
 
 def reseeded_factored_fn(fn: Any, seed: int) -> Any:
-    """A `sharded_factored_fn` result for another projection seed, sharing its compiled function
+    """A `sharded_factored_fn` result for another projection seed, sharing its compiled functions
     (`FactoredSketchFn.with_seed`): a second seed costs no trace or compile."""
     factored = fn.factored.with_seed(seed)
-    out = fn.with_prepare(lambda params: (params, factored.factors()))
+    prepare = lambda params: (params, factored.factors())  # noqa: E731
+    out = fn.with_prepare(prepare)
     out.factored = factored
+    out.packed = fn.packed.with_prepare(prepare)
     return out

@@ -4,6 +4,7 @@ from lmgrad.tasks.batching import (
     PAD_ID,
     Batch,
     PackedBatch,
+    PackedPairBatch,
     bos_id,
     bucket_length,
     degenerate_pairs,
@@ -13,6 +14,7 @@ from lmgrad.tasks.batching import (
     iter_bucketed,
     iter_packed,
     iter_pair_batches,
+    iter_packed_pairs,
     make_batch,
     packed_row_length,
 )
@@ -32,6 +34,7 @@ from lmgrad.tasks.selection import drop_degenerate, select_tasks, subsample, tas
 __all__ = [
     "PAD_ID", "Batch", "bos_id", "bucket_length", "degenerate_pairs", "encode", "encode_pairs",
     "first_difference", "iter_bucketed", "iter_pair_batches", "make_batch", "PackedBatch", "iter_packed",
+    "PackedPairBatch", "iter_packed_pairs",
     "packed_row_length",
     "BLIMP_DIR_ENV_VAR", "BLIMP_UIDS", "blimp_path", "blimp_source_dir", "blimp_taxonomy", "blimp_uids",
     "load_blimp", "set_blimp_dir",

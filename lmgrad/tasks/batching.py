@@ -24,7 +24,7 @@ from lmgrad.tasks.pairs import Pair, TaskDataError
 __all__ = [
     "PAD_ID", "Batch", "bos_id", "encode", "encode_pairs", "degenerate_pairs", "bucket_length",
     "first_difference", "make_batch", "iter_bucketed", "iter_pair_batches", "iter_packed", "PackedBatch",
-    "packed_row_length",
+    "packed_row_length", "PackedPairBatch", "iter_packed_pairs",
 ]
 
 PAD_ID = 0
@@ -343,6 +343,96 @@ def iter_packed(
                 tgt[r, pos + start: pos + n] = 1.0
                 pos += n
         yield PackedBatch(input_ids=ids, attention_mask=seg, target_mask=tgt, owner=owner)
+
+
+@dataclasses.dataclass
+class PackedPairBatch:
+    """Minimal pairs packed back to back into fixed-shape rows (`iter_packed_pairs`): each pair is its
+    good sentence followed by its bad one, in one row, so a pair never straddles rows (or devices).
+
+    Attributes:
+      input_ids: int32 [R, L], `PAD_ID` after the last pair of a row.
+      attention_mask: int32 [R, L], the segment of each token: 1, 2, … for the row's sentences in order
+        (a pair's good sentence then its bad one), 0 on padding.
+      target_mask: float32 [R, L], +1 where a good sentence's token is scored, −1 where a bad one's is,
+        so Σ target_mask · log p over a pair's tokens is log p(good) − log p(bad).
+      slot: int32 [R, L], the pair slot (0 … Q−1 within the row) of each token, −1 on padding.
+      index: int64 [R, Q], the caller's pair index in each slot, −1 for an empty slot.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    target_mask: np.ndarray
+    slot: np.ndarray
+    index: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.input_ids.shape
+
+    @property
+    def valid(self) -> np.ndarray:
+        """bool [R, Q]: slots holding a pair."""
+        return self.index >= 0
+
+
+def iter_packed_pairs(
+    good: Sequence[np.ndarray],
+    bad: Sequence[np.ndarray],
+    *,
+    rows: int,
+    row_len: int | None = None,
+    slots: int | None = None,
+    score_from_good: Sequence[int] | None = None,
+    score_from_bad: Sequence[int] | None = None,
+    min_row: int = 64,
+) -> Iterator[PackedPairBatch]:
+    """Batches of `rows` rows of `row_len` tokens holding every pair once, each pair's two sentences
+    side by side in one row, rows filled first-fit by decreasing pair length (deterministic). All
+    batches have one shape: the fewest batches that hold the rows, rows spread evenly over them;
+    `slots` (default: the most pairs any row holds) fixes Q. `row_len` defaults to the longest pair's
+    power-of-two bucket, at least `min_row`; the models restart positions at every sentence, so a
+    row may be longer than the model's context as long as each sentence fits it.
+
+    Pair order is the order of (batch, row, slot): `index` maps back to the caller's pairs.
+    """
+    if len(good) != len(bad):
+        raise ValueError(f"{len(good)} good sequences but {len(bad)} bad ones")
+    if not good:
+        return
+    lg, lb = [len(s) for s in good], [len(s) for s in bad]
+    if min(lg + lb) < 1:
+        raise ValueError("empty sequence")
+    lengths = [a + b for a, b in zip(lg, lb)]
+    longest = max(lengths)
+    L = max(bucket_length(longest), min_row) if row_len is None else int(row_len)
+    if longest > L:
+        i = int(np.argmax(lengths))
+        raise TaskDataError(f"pair {i} has {longest} tokens (good {lg[i]} + bad {lb[i]}), more than the row length {L}")
+    members = _first_fit(lengths, L)
+    q = max(len(m) for m in members) if slots is None else int(slots)
+    if any(len(m) > q for m in members):
+        raise ValueError(f"a row holds {max(len(m) for m in members)} pairs, more than slots={q}")
+    rows = -(-len(members) // -(-len(members) // rows))
+    for lo in range(0, len(members), rows):
+        ids = np.full((rows, L), PAD_ID, dtype=np.int32)
+        seg = np.zeros((rows, L), dtype=np.int32)
+        tgt = np.zeros((rows, L), dtype=np.float32)
+        slot = np.full((rows, L), -1, dtype=np.int32)
+        index = np.full((rows, q), -1, dtype=np.int64)
+        for r, row in enumerate(members[lo: lo + rows]):
+            pos = 0
+            for j, i in enumerate(row):
+                index[r, j] = i
+                for k, (seq, sf, sign) in enumerate(((good[i], score_from_good, 1.0), (bad[i], score_from_bad, -1.0))):
+                    n = len(seq)
+                    ids[r, pos: pos + n] = seq
+                    seg[r, pos: pos + n] = 2 * j + k + 1
+                    slot[r, pos: pos + n] = j
+                    start = 1 if sf is None else max(int(sf[i]), 1)
+                    tgt[r, pos + start: pos + n] = sign
+                    pos += n
+        yield PackedPairBatch(input_ids=ids, attention_mask=seg, target_mask=tgt, slot=slot, index=index)
 
 
 def iter_pair_batches(
