@@ -14,12 +14,16 @@ Appends to bench/results/sketch_stage.jsonl.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
 import numpy as np
 
 import _common
+
+# Both modes compile from nothing, whatever earlier runs left in the persistent cache.
+os.environ.setdefault("LMGRAD_COMPILATION_CACHE", "off")
 
 
 def main() -> None:
