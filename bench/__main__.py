@@ -38,6 +38,7 @@ SCRIPTS = {
     "stats": ("bench_stats.py", "task-similarity statistics: coverage and preconditioner curves"),
     "transfer": ("bench_transfer.py", "FTGD tuning: vmapped vs sequential"),
     "sweep_reuse": ("bench_sweep_reuse.py", "a sweep's per-checkpoint sketch time: memoised sketcher vs re-trace"),
+    "kernels": ("bench_kernels.py", "GPT-2-small components (attention, bmm, MLP, vocabulary head) in JAX vs torch"),
     "sketch_stage": ("bench_sketch_stage.py", "the main job's sketch stage (SmolLM2, BLiMP): packed pairs vs length buckets"),
 }
 NATIVE = {

@@ -50,6 +50,12 @@ K = 100k in the same time as uniform 16×16 (bench/results/fidelity.jsonl).
 
 Padding tokens and padding rows contribute exactly zero (projected factors are masked). The
 returned function's `.core` is pure and shape-polymorphic in B, for jit or shard_map.
+
+Packed batches (`FactoredSketchFn.packed`, `lmgrad.tasks.iter_packed_pairs`): several pairs share a
+row, each pair's good and bad sentence side by side as segments (attention and positions per
+segment), the sign in a signed target mask. The backward is the same; a pair's block sums x ⊗ δ over
+its own tokens only (a one-hot of each token's pair slot), so a pair's sketch does not depend on what
+shares its row, up to float32 rounding.
 """
 
 from __future__ import annotations

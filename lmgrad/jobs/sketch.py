@@ -255,6 +255,10 @@ def sketch_pairs(
     (one included) deals the batches no store has committed to the new processes
     (`lmgrad.store.deal`), so it still ends with every pair exactly once. `max_batches` stops early (for tests of
     crash/resume); the store is then incomplete.
+
+    A non-finite differential stops the run before its batch is written, naming the pairs
+    (`NonFiniteGradientError`). Packed, a NaN in one sentence's activations also reaches the other
+    pairs of its row (attention's 0 · NaN), so the message may name those too; `pack=False` isolates it.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
