@@ -345,3 +345,22 @@ def test_packed_factored_killed_and_resumed_on_other_process_counts(model, tmp_p
     assert not mid.complete and 0 < len(mid) < len(single)
     sketch_pairs(model, tasks, work, opts, resume=True)
     _assert_same_rows(single, lstore.open(work))
+
+
+def test_packed_and_bucketed_stores_hold_the_same_rows(model, tmp_path):
+    # The same job packed and bucketed (scored from the first differing token: targets start inside
+    # each sentence): the same pairs, each with the same row up to float32 rounding; only the order
+    # and the recorded batching differ.
+    tasks = select_tasks("blimp:passive_1,wh_island,anaphor_number_agreement", max_pairs_per_task=5)
+    opts = SketchOptions(method="factored", r_in=3, r_out=5, overrides=(), batch_size=4, from_first_difference=True)
+    sketch_pairs(model, tasks, tmp_path / "packed", opts)
+    sketch_pairs(model, tasks, tmp_path / "bucketed", dataclasses.replace(opts, pack=False))
+    a, b = lstore.open(tmp_path / "packed"), lstore.open(tmp_path / "bucketed")
+    assert (a.config["batching"], b.config["batching"]) == ("packed", "bucketed")
+    assert {k: v for k, v in a.config.items() if k != "batching"} == {k: v for k, v in b.config.items() if k != "batching"}
+    keys = lambda st: list(zip(st.meta["UID"], st.meta["pairID"]))  # noqa: E731
+    assert sorted(keys(a)) == sorted(keys(b)) and len(a) == 15
+    where = {k: i for i, k in enumerate(keys(b))}
+    order = [where[k] for k in keys(a)]
+    ref = np.asarray(b.sketches)[order]
+    np.testing.assert_allclose(np.asarray(a.sketches), ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
