@@ -25,12 +25,16 @@ import numpy as np
 import _common
 
 
-def _median_ms(fn, reps: int) -> float:
+def _median_ms(fn, reps: int, sync=None) -> float:
     fn()
     ts = []
     for _ in range(reps):
+        if sync:
+            sync()
         t = time.perf_counter()
         fn()
+        if sync:
+            sync()
         ts.append(time.perf_counter() - t)
     return round(1000 * float(np.median(ts)), 2)
 
@@ -49,7 +53,11 @@ def main() -> None:
     from lmgrad.models.layers import attention, causal_mask
     from lmgrad.scoring import token_logprobs
 
+    import speed
+
     torch.set_num_threads(_common.usable_cores())
+    dev = speed.torch_device()  # CUDA where torch sees a GPU; JAX takes its default device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
     B, T, H, D, V = args.B, args.T, 12, 64, 50257
     d = H * D
     rng = np.random.default_rng(0)
@@ -59,7 +67,8 @@ def main() -> None:
     ids = rng.integers(0, V, (B, T)).astype(np.int32)
     w = rng.random((B, T)).astype(np.float32)
     J = lambda *a: [jnp.asarray(t) for t in a]  # noqa: E731
-    Tt = lambda *a: [torch.tensor(t, requires_grad=True) for t in a]  # noqa: E731
+    Tt = lambda *a: [torch.tensor(t, device=dev, requires_grad=True) for t in a]  # noqa: E731
+    tt = lambda t, **kw: torch.tensor(t, device=dev, **kw)  # noqa: E731
     results = {}
 
     # attention
@@ -69,27 +78,27 @@ def main() -> None:
                                     argnums=(0, 1, 2)))
     jq, jk, jv, jwo = J(q, k, v, wo)
     tq, tk, tv = Tt(*(t.transpose(0, 2, 1, 3).copy() for t in (q, k, v)))
-    two = torch.tensor(wo.reshape(B, T, H, D).transpose(0, 2, 1, 3).copy())
+    two = tt(wo.reshape(B, T, H, D).transpose(0, 2, 1, 3).copy())
 
     def t_attn():
         o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
         torch.autograd.grad((o * two).sum(), (tq, tk, tv))
 
     results["attention"] = (_median_ms(lambda: jax.block_until_ready(ja(jq, jk, jv, jwo)), args.reps),
-                            _median_ms(t_attn, args.reps), 6 * 2 * B * H * T * T * D)
+                            _median_ms(t_attn, args.reps, sync), 6 * 2 * B * H * T * T * D)
     # batched score matmul alone
     a, b = arr(B * H, T, D), arr(B * H, D, T)
     jmm = jax.jit(lambda a, b: a @ b)
     ja_, jb_ = J(a, b)
-    ta_, tb_ = torch.tensor(a), torch.tensor(b)
+    ta_, tb_ = tt(a), tt(b)
     results["bmm"] = (_median_ms(lambda: jax.block_until_ready(jmm(ja_, jb_)), args.reps),
-                      _median_ms(lambda: torch.bmm(ta_, tb_), args.reps), 2 * B * H * T * T * D)
+                      _median_ms(lambda: torch.bmm(ta_, tb_), args.reps, sync), 2 * B * H * T * T * D)
     # mlp
     jx, jW1, jW2, jE = J(x, W1, W2, E)
     jm = jax.jit(jax.value_and_grad(lambda x, W1, W2, c: jnp.sum(jax.nn.gelu(x @ W1, approximate=True) @ W2 * c)))
     (tx,) = Tt(x)
-    tW1, tW2, tE = (torch.tensor(t) for t in (W1, W2, E))
-    tx_const = torch.tensor(x + 1)
+    tW1, tW2, tE = (tt(t) for t in (W1, W2, E))
+    tx_const = tt(x + 1)
 
     def t_mlp():
         y = torch.nn.functional.gelu(tx @ tW1, approximate="tanh") @ tW2
@@ -97,17 +106,17 @@ def main() -> None:
 
     jc = jx + 1
     results["mlp"] = (_median_ms(lambda: jax.block_until_ready(jm(jx, jW1, jW2, jc)), args.reps),
-                      _median_ms(t_mlp, args.reps), 4 * 2 * B * T * d * 4 * d)
+                      _median_ms(t_mlp, args.reps, sync), 4 * 2 * B * T * d * 4 * d)
     # head + log-softmax + gather
     jids, jw = J(ids, w)
     jh = jax.jit(jax.value_and_grad(lambda x, E, ids, w: -jnp.sum(token_logprobs(x @ E.T, ids) * w)))
-    tids, tw = torch.tensor(ids, dtype=torch.int64), torch.tensor(w)
+    tids, tw = tt(ids, dtype=torch.int64), tt(w)
 
     def t_head():
         lp = torch.log_softmax((tx @ tE.T)[:, :-1], dim=-1).gather(-1, tids[:, 1:, None])[..., 0]
         torch.autograd.grad(-(lp * tw[:, 1:]).sum(), tx)
 
-    results["head"] = (_median_ms(lambda: jax.block_until_ready(jh(jx, jE, jids, jw)), args.reps), _median_ms(t_head, args.reps),
+    results["head"] = (_median_ms(lambda: jax.block_until_ready(jh(jx, jE, jids, jw)), args.reps), _median_ms(t_head, args.reps, sync),
                        2 * 2 * B * T * d * V)  # the head's forward and input-gradient matmuls
     rows = []
     print(f"B = {B}, T = {T}: forward + backward to the input, ms (median of {args.reps})")
@@ -116,7 +125,7 @@ def main() -> None:
         rows.append(_common.run_meta(bench="kernels", component=name, B=B, T=T, jax_ms=j, torch_ms=t,
                                      torch_over_jax=round(t / j, 3), flops=flops,
                                      jax_gflops=round(flops / j / 1e6, 1), torch_gflops=round(flops / t / 1e6, 1),
-                                     torch=torch.__version__, jax=jax.__version__))
+                                     torch=torch.__version__, torch_device=str(dev), jax=jax.__version__))
         print(f"{name:10s} {j:9.2f} {t:9.2f} {t / j:9.2f} {flops / j / 1e6:12.1f} {flops / t / 1e6:14.1f}")
     _common.append_jsonl(_common.results_path("kernels"), rows)
 

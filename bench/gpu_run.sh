@@ -18,7 +18,8 @@
 #  2. `python -m bench run --suite=speed`: factored sketch vs plain step, large matmul and the torch
 #     hook peer, GPT-2 small at T = 1024 (issue 13's GPU goal: sequences/s of 1,024 tokens, MFU);
 #  3. `--suite=scaling` (batch, sequence length, width at full depth, rank; device peak memory);
-#  4. `--suite=fusion` (full only).
+#  4. `--suite=kernels`: attention, batched matmul, MLP and vocabulary head, JAX vs torch (T = 1024);
+#  5. `--suite=fusion` (full only).
 # Results: $OUT/gpu_run.log and $OUT/gpu_results.tgz (the suites' .jsonl records and .md tables, the
 # scaling plots, env.txt): one archive because the device tool returns at most 8 files. Unpack it and
 # append the .jsonl lines to bench/results/ (their device/backend fields set them apart from CPU lines).
@@ -72,11 +73,11 @@ export OMP_WAIT_POLICY=PASSIVE XLA_PYTHON_CLIENT_PREALLOCATE=false
 # The suites append to bench/results/<suite>.{jsonl,md}; this run's lines go to the archive and the
 # checkout's files are put back as they were.
 RES=bench/results
-for s in speed scaling fusion; do [ -f "$RES/$s.jsonl" ] && cp "$RES/$s.jsonl" "$STAGE/.$s.before"; done
+for s in speed scaling fusion kernels; do [ -f "$RES/$s.jsonl" ] && cp "$RES/$s.jsonl" "$STAGE/.$s.before"; done
 BACKUP=$(mktemp -d /tmp/gpu_run_res.XXXXXX)
 cp "$RES"/*.md "$RES"/scaling_*.png "$BACKUP"/ 2>/dev/null || true
 collect() {
-  for s in speed scaling fusion; do
+  for s in speed scaling fusion kernels; do
     [ -f "$RES/$s.jsonl" ] || continue
     n=$( [ -f "$STAGE/.$s.before" ] && wc -l <"$STAGE/.$s.before" || echo 0 )
     tail -n +"$((n + 1))" "$RES/$s.jsonl" >"$STAGE/$s.jsonl"
@@ -88,7 +89,7 @@ collect() {
   rm -f "$STAGE"/.*.before
 }
 
-# 2.–4. suites ---------------------------------------------------------------------------------
+# 2.–5. suites ---------------------------------------------------------------------------------
 case "$SIZE" in
   tiny)
     step "$P" -m bench run --suite=speed --shapes gpt2-small --seqs 16 --batches 2 --reps 1 --matmul_n 256 \
@@ -97,13 +98,15 @@ case "$SIZE" in
       --sweep_batches_medium --sweep_batches_plain --sweep_seqs 16 --seq_batch 1 --sweep_shapes gpt2-small \
       --sweep_shapes_exact --sweep_depths --sweep_depths_exact --sweep_rs 4
     step "$P" -m bench run --suite=fusion --shapes gpt2-small --seqs 16 --batches 2 --reps 1
+    step "$P" -m bench run --suite=kernels -- --T 16 --reps 2
     ;;
-  quick)  # two steps of at most 4 minutes each: one 10-minute device call with the start and the transfers
+  quick)  # 4 + 4 minutes at most, then 40 s: one 10-minute device call with the start and the transfers
     step timeout 240 "$P" -m bench run --suite=speed --shapes gpt2-small --seqs 128 1024 --batches 16 --reps 5 \
       --matmul_n 8192 --peers torch_hooks torch_plain
     step timeout 240 "$P" -m bench run --suite=scaling --reps 3 --scaling_layers 0 --sweep_batches 1 32 \
       --sweep_batches_exact 8 --sweep_batches_medium --sweep_batches_plain --sweep_seqs 512 1024 --seq_batch 8 \
       --sweep_shapes gpt2-small gpt2-large --sweep_shapes_exact --sweep_depths --sweep_depths_exact --sweep_rs 64
+    step timeout 40 "$P" -m bench run --suite=kernels -- --T 1024
     ;;
   full)
     step "$P" -m bench run --suite=speed --shapes gpt2-small gpt2-medium --seqs 128 512 1024 --batches 8 32 \
@@ -118,6 +121,8 @@ case "$SIZE" in
       --sweep_rs 4 16 64 128
     step "$P" -m bench run --suite=fusion --shapes gpt2-small gpt2-large --seqs 128 512 --batches 16 --reps 5 \
       --scaling_layers 0
+    step "$P" -m bench run --suite=kernels -- --T 128
+    step "$P" -m bench run --suite=kernels -- --T 1024
     ;;
   *) log "GPU_RUN_SIZE must be tiny, quick or full, not $SIZE"; exit 2 ;;
 esac
