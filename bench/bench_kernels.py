@@ -9,7 +9,9 @@ the usable cores), medians of `--reps` calls after a warm-up:
 
 * attention: `lmgrad.models.layers.attention` with `causal_mask` vs `F.scaled_dot_product_attention`;
 * bmm: the batched [T, D] @ [D, T] matmul of attention scores alone (B·H of them);
-* mlp: 768 → 3072 → 768 with tanh-GELU (four matmuls: two forward, two to the input);
+* mlp: 768 → 3072 → 768 with tanh-GELU (four matmuls: two forward, two to the input); mlp+wgrad: the
+  same with the two weight gradients as well (a training step's MLP), written with `@` and with
+  `lmgrad.models.layers.linear_map` (torch column: the same torch call);
 * head: hidden @ Eᵀ over the 50,257-token vocabulary, log-softmax and the target gather
   (`lmgrad.scoring.token_logprobs`) vs torch's `log_softmax` + `gather`.
 
@@ -107,6 +109,25 @@ def main() -> None:
     jc = jx + 1
     results["mlp"] = (_median_ms(lambda: jax.block_until_ready(jm(jx, jW1, jW2, jc)), args.reps),
                       _median_ms(t_mlp, args.reps, sync), 4 * 2 * B * T * d * 4 * d)
+    # the same MLP with its weight gradients too (what a training step, or FTGD tuning, runs)
+    jmw = jax.jit(jax.value_and_grad(lambda x, W1, W2, c: jnp.sum(jax.nn.gelu(x @ W1, approximate=True) @ W2 * c),
+                                     argnums=(0, 1, 2)))
+    tW1g, tW2g = Tt(W1, W2)
+
+    def t_mlpw():
+        y = torch.nn.functional.gelu(tx @ tW1g, approximate="tanh") @ tW2g
+        torch.autograd.grad((y * tx_const).sum(), (tx, tW1g, tW2g))
+
+    results["mlp+wgrad"] = (_median_ms(lambda: jax.block_until_ready(jmw(jx, jW1, jW2, jc)), args.reps),
+                            _median_ms(t_mlpw, args.reps, sync), 6 * 2 * B * T * d * 4 * d)
+    # ... and through lmgrad's own linear map (its custom weight-gradient product)
+    from lmgrad.models.layers import linear_map
+
+    jml = jax.jit(jax.value_and_grad(
+        lambda x, W1, W2, c: jnp.sum(linear_map(jax.nn.gelu(linear_map(x, W1, False), approximate=True), W2, False) * c),
+        argnums=(0, 1, 2)))
+    results["mlp+wgrad lmgrad"] = (_median_ms(lambda: jax.block_until_ready(jml(jx, jW1, jW2, jc)), args.reps),
+                                   results["mlp+wgrad"][1], results["mlp+wgrad"][2])
     # head + log-softmax + gather
     jids, jw = J(ids, w)
     jh = jax.jit(jax.value_and_grad(lambda x, E, ids, w: -jnp.sum(token_logprobs(x @ E.T, ids) * w)))
@@ -120,13 +141,13 @@ def main() -> None:
                        2 * 2 * B * T * d * V)  # the head's forward and input-gradient matmuls
     rows = []
     print(f"B = {B}, T = {T}: forward + backward to the input, ms (median of {args.reps})")
-    print(f"{'component':10s} {'jax':>9s} {'torch':>9s} {'torch/jax':>9s} {'jax GFLOP/s':>12s} {'torch GFLOP/s':>14s}")
+    print(f"{'component':17s} {'jax':>9s} {'torch':>9s} {'torch/jax':>9s} {'jax GFLOP/s':>12s} {'torch GFLOP/s':>14s}")
     for name, (j, t, flops) in results.items():
         rows.append(_common.run_meta(bench="kernels", component=name, B=B, T=T, jax_ms=j, torch_ms=t,
                                      torch_over_jax=round(t / j, 3), flops=flops,
                                      jax_gflops=round(flops / j / 1e6, 1), torch_gflops=round(flops / t / 1e6, 1),
                                      torch=torch.__version__, torch_device=str(dev), jax=jax.__version__))
-        print(f"{name:10s} {j:9.2f} {t:9.2f} {t / j:9.2f} {flops / j / 1e6:12.1f} {flops / t / 1e6:14.1f}")
+        print(f"{name:17s} {j:9.2f} {t:9.2f} {t / j:9.2f} {flops / j / 1e6:12.1f} {flops / t / 1e6:14.1f}")
     _common.append_jsonl(_common.results_path("kernels"), rows)
 
 

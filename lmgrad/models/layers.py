@@ -19,6 +19,7 @@ stacked form.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
@@ -48,6 +49,47 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear_map(x: jax.Array, w: jax.Array, out_in: bool) -> jax.Array:
+    """x [..., in] through a weight stored [out, in] (`out_in`, torch's Linear) or [in, out] (GPT-2's
+    Conv1D) → [..., out]. Its gradient is the usual one, with the weight gradient written as one
+    matrix product over all leading axes (δᵀ x on [N, out] and [N, in]): the transpose JAX derives
+    by itself came out of XLA:CPU's algebraic passes as a dot of two transposed operands, 1.6× slower
+    on a GPT-2-small MLP's weight gradients (bench/README.md, kernels: mlp+wgrad)."""
+    return jnp.einsum("...i,oi->...o" if out_in else "...i,io->...o", x, w)
+
+
+def _linear_map_fwd(x: jax.Array, w: jax.Array, out_in: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return linear_map(x, w, out_in), (x, w)
+
+
+def _linear_map_bwd(out_in: bool, res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    dx = jnp.einsum("...o,oi->...i" if out_in else "...o,io->...i", dy, w)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dw = jnp.einsum("no,ni->oi", dy2, x2) if out_in else jnp.einsum("ni,no->io", x2, dy2)
+    return _like(dx.astype(x.dtype), x), _like(dw.astype(w.dtype), w)
+
+
+def _like(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """`grad` summed over the mesh axes along which it varies and `primal` does not (inside
+    `shard_map`): what JAX's own transpose of the implicit invariant→varying cast does, and the type
+    a custom rule must return."""
+    extra = tuple(sorted(_varying(grad) - _varying(primal)))
+    return jax.lax.psum(grad, extra) if extra else grad
+
+
+def _varying(x: jax.Array) -> frozenset:
+    """The mesh axes along which `x` varies inside `shard_map` (`aval.mat.varying` in jax 0.10, `aval.vma`
+    before it); empty outside one."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+linear_map.defvjp(_linear_map_fwd, _linear_map_bwd)
+
+
 def _capture(module: nn.Module, x: jax.Array) -> None:
     if module.is_mutable_collection("intermediates"):
         module.sow("intermediates", "x", x)
@@ -64,7 +106,7 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), self.dtype)
         _capture(self, x)
-        y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+        y = linear_map(x, w.astype(x.dtype), True)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).astype(x.dtype)
         return self.perturb("dy", y)
@@ -81,7 +123,7 @@ class Conv1D(nn.Module):
         w = self.param("weight", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
         b = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
         _capture(self, x)
-        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype)) + b.astype(x.dtype)
+        y = linear_map(x, w.astype(x.dtype), False) + b.astype(x.dtype)
         return self.perturb("dy", y)
 
 
@@ -106,7 +148,7 @@ class Embedding(nn.Module):
         # Separate names from the lookup's so both uses of a tied matrix are seen.
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "head_x", h)
-        y = jnp.einsum("...d,vd->...v", h, self.weight.astype(h.dtype))
+        y = linear_map(h, self.weight.astype(h.dtype), True)
         return self.perturb("head_dy", y)
 
 
