@@ -298,6 +298,12 @@ def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return members
 
 
+def _even_rows(n: int, rows: int) -> int:
+    """Rows per batch for `n` rows: as few batches of at most `rows` rows as possible, with the rows
+    spread evenly over them (one shape for the run, and the last batch not left mostly empty)."""
+    return -(-n // -(-n // rows))
+
+
 def iter_packed(
     seqs: Sequence[np.ndarray],
     *,
@@ -324,9 +330,7 @@ def iter_packed(
     if max(lengths) > L:
         raise TaskDataError(f"item {int(np.argmax(lengths))} has {max(lengths)} tokens, more than the row length {L}")
     members = _first_fit(lengths, L)
-    # As few batches of at most `rows` rows as possible, with the rows spread evenly over them (one
-    # shape for the run, and the last batch not left mostly empty).
-    rows = -(-len(members) // -(-len(members) // rows))
+    rows = _even_rows(len(members), rows)
     for lo in range(0, len(members), rows):
         ids = np.full((rows, L), PAD_ID, dtype=np.int32)
         seg = np.zeros((rows, L), dtype=np.int32)
@@ -413,7 +417,7 @@ def iter_packed_pairs(
     q = max(len(m) for m in members) if slots is None else int(slots)
     if any(len(m) > q for m in members):
         raise ValueError(f"a row holds {max(len(m) for m in members)} pairs, more than slots={q}")
-    rows = -(-len(members) // -(-len(members) // rows))
+    rows = _even_rows(len(members), rows)
     for lo in range(0, len(members), rows):
         ids = np.full((rows, L), PAD_ID, dtype=np.int32)
         seg = np.zeros((rows, L), dtype=np.int32)
