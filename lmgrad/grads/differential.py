@@ -34,33 +34,40 @@ Project = Callable[[Mapping[str, Array]], Array]
 _FIELDS = ("input_ids", "attention_mask", "target_mask")
 
 
+def _read_fields(batch: Any, fields: Mapping[str, Any], what: str, dims: str,
+                 optional: str) -> tuple[dict[str, Array], Callable[[str], Any]]:
+    """`fields` ({name: dtype}) of a dataclass or mapping as JAX arrays of one 2-D shape, and a reader
+    of further optional fields (None where absent); messages say `what` it is and its `dims`."""
+    get = (lambda k: batch[k]) if isinstance(batch, Mapping) else (lambda k: getattr(batch, k))
+    has = (lambda k: k in batch) if isinstance(batch, Mapping) else (lambda k: hasattr(batch, k))
+    out = {}
+    for k in fields:
+        if not has(k):
+            raise ValueError(f"{what} lacks field {k!r} (needs {list(fields)}, {optional})")
+        out[k] = get(k)
+    shape = tuple(out["input_ids"].shape)
+    if len(shape) != 2:
+        raise ValueError(f"{what} field 'input_ids' must be {dims}, got shape {shape}")
+    for k in fields:
+        if tuple(out[k].shape) != shape:
+            raise ValueError(f"{what} field {k!r} has shape {tuple(out[k].shape)}, input_ids has {shape}")
+    return {k: jnp.asarray(v, fields[k]) for k, v in out.items()}, (lambda k: get(k) if has(k) else None)
+
+
 def as_arrays(batch: Any) -> dict[str, Array]:
     """A Batch or mapping → {input_ids, attention_mask, target_mask, valid} as numpy/JAX arrays.
 
     Raises:
       ValueError: a field is missing or the [B, T] shapes disagree (the message names the field).
     """
-    get = (lambda k: batch[k]) if isinstance(batch, Mapping) else (lambda k: getattr(batch, k))
-    has = (lambda k: k in batch) if isinstance(batch, Mapping) else (lambda k: hasattr(batch, k))
-    out = {}
-    for k in _FIELDS:
-        if not has(k):
-            raise ValueError(f"batch lacks field {k!r} (needs {list(_FIELDS)}, optionally 'valid')")
-        out[k] = get(k)
+    out, optional = _read_fields(batch, dict(zip(_FIELDS, (jnp.int32, jnp.int32, jnp.float32))), "batch", "[B, T]",
+                                 "optionally 'valid'")
     shape = tuple(out["input_ids"].shape)
-    if len(shape) != 2:
-        raise ValueError(f"batch field 'input_ids' must be [B, T], got shape {shape}")
-    for k in _FIELDS[1:]:
-        if tuple(out[k].shape) != shape:
-            raise ValueError(f"batch field {k!r} has shape {tuple(out[k].shape)}, input_ids has {shape}")
-    valid = get("valid") if has("valid") and get("valid") is not None else None
+    valid = optional("valid")
     if valid is None:
         valid = np.asarray(out["attention_mask"]).any(axis=1)
     if tuple(valid.shape) != shape[:1]:
         raise ValueError(f"batch field 'valid' has shape {tuple(valid.shape)}, expected {shape[:1]}")
-    out["input_ids"] = jnp.asarray(out["input_ids"], jnp.int32)
-    out["attention_mask"] = jnp.asarray(out["attention_mask"], jnp.int32)
-    out["target_mask"] = jnp.asarray(out["target_mask"], jnp.float32)
     out["valid"] = jnp.asarray(valid, bool)
     return out
 
@@ -72,24 +79,13 @@ def packed_arrays(batch: Any) -> dict[str, Array]:
     Raises:
       ValueError: a field is missing or the shapes disagree (the message names the field).
     """
-    get = (lambda k: batch[k]) if isinstance(batch, Mapping) else (lambda k: getattr(batch, k))
     fields = {"input_ids": jnp.int32, "attention_mask": jnp.int32, "target_mask": jnp.float32, "slot": jnp.int32}
-    out = {}
-    for k, dt in fields.items():
-        try:
-            out[k] = jnp.asarray(get(k), dt)
-        except (KeyError, AttributeError):
-            raise ValueError(f"packed batch lacks field {k!r} (needs {list(fields)} and 'index' or 'valid')") from None
+    out, optional = _read_fields(batch, fields, "packed batch", "[R, L]", "and 'index' or 'valid'")
     shape = tuple(out["input_ids"].shape)
-    if len(shape) != 2:
-        raise ValueError(f"packed batch field 'input_ids' must be [R, L], got shape {shape}")
-    for k in fields:
-        if tuple(out[k].shape) != shape:
-            raise ValueError(f"packed batch field {k!r} has shape {tuple(out[k].shape)}, input_ids has {shape}")
-    try:
-        valid = np.asarray(get("valid"))
-    except (KeyError, AttributeError):
-        valid = np.asarray(get("index")) >= 0
+    valid, index = optional("valid"), optional("index")
+    if valid is None and index is None:
+        raise ValueError("packed batch lacks both 'valid' and 'index' (the slots holding a pair)")
+    valid = np.asarray(index) >= 0 if valid is None else np.asarray(valid)
     if valid.ndim != 2 or valid.shape[0] != shape[0]:
         raise ValueError(f"packed batch field 'valid' must be [R, Q] with R = {shape[0]}, got {valid.shape}")
     out["valid"] = jnp.asarray(valid, bool)

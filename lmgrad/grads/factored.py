@@ -638,9 +638,8 @@ class FactoredSketchFn:
 
         # zeros_like of a batch array keeps its device-variance: inside shard_map, invariant zeros
         # would make grad psum every device's δ (the transpose of the implicit invariant→varying cast).
-        like = weights
         shapes = jax.eval_shape(lambda: run(None)[1])["perturbations"]
-        pert0 = jax.tree.map(lambda s: jnp.zeros_like(like, shape=s.shape, dtype=s.dtype), shapes)
+        pert0 = jax.tree.map(lambda s: jnp.zeros_like(weights, shape=s.shape, dtype=s.dtype), shapes)
 
         def loss(pert):
             logits, state = run(pert)
