@@ -17,9 +17,9 @@ from lmgrad.models import load_model, logits_fn
 from lmgrad.params import flatten, split as split_params
 from lmgrad.tasks import select_tasks
 from lmgrad.transfer import (EvalSet, TuneSpec, encode_task_pairs, evaluate, first_order_matrix, make_group_scorer,
-                             make_group_step, make_task_grad_fn, margin_loss, n_kept, pack_mask, split_pairs,
-                             step_batches, task_gradient, top_p_mask, train_length, tune_tasks, unpack_mask,
-                             vectorize)
+                             make_group_step, make_task_grad_fn, margin_loss, n_kept, pack_mask, packed_step_batches,
+                             pair_packing, score_models, split_pairs, step_batches, step_packing, task_gradient,
+                             top_p_mask, train_length, tune_tasks, unpack_mask, vectorize)
 from lmgrad.transfer.tune import batch_margins, stack
 
 UIDS = ("anaphor_gender_agreement", "passive_1", "wh_island")
@@ -173,6 +173,56 @@ def test_first_order_prediction_matches_finite_difference(model, data, fns, mask
     measured = evaluate(fns["scorer"], group.trainable, fr, ev).margin - before[None]
     np.testing.assert_allclose(measured, pred, rtol=0.05, atol=0.02 * np.abs(pred).max())
     assert np.corrcoef(measured.ravel(), pred.ravel())[0, 1] > 0.999
+
+
+def test_packed_steps_hold_the_bucketed_steps_pairs(data):
+    train, _ = data
+    spec = TuneSpec(steps=5, batch_size=4)
+    packing = step_packing(train, spec)
+    length = train_length(train)
+    for t in train:
+        p = packed_step_batches(t, steps=spec.steps, batch_size=spec.batch_size, packing=packing, seed=spec.seed)
+        good, bad = step_batches(t, steps=spec.steps, batch_size=spec.batch_size, length=length, seed=spec.seed)
+        assert p["input_ids"].shape == (spec.steps, packing.rows, packing.row_len)
+        assert p["valid"].shape == (spec.steps, packing.rows, packing.slots)
+        for s in range(spec.steps):
+            # The same pairs: the same tokens, each pair's good sentence scored +1 and its bad one -1.
+            sent = lambda b, r: b["input_ids"][s, r][b["attention_mask"][s, r] > 0]  # noqa: E731
+            want = sorted(np.concatenate([sent(good, r), sent(bad, r)]).tolist()
+                          for r in range(spec.batch_size) if good["valid"][s, r])
+            got = sorted(p["input_ids"][s, r][p["slot"][s, r] == q].tolist()
+                         for r in range(packing.rows) for q in range(packing.slots) if p["valid"][s, r, q])
+            assert got == want
+            assert p["target_mask"][s].sum() == good["target_mask"][s].sum() - bad["target_mask"][s].sum()
+
+
+def test_packed_equals_bucketed(model, data, fns):
+    """Task gradients, evaluation and a tuning step on packed rows equal those on padded buckets."""
+    train, held = data
+    names, apply_fn = names_of(model), fns["apply"]
+    packing = pair_packing(train + held, 16)
+    bucketed = make_task_grad_fn(apply_fn, packed=False)
+    for t in train + held:
+        a = task_gradient(fns["diff"], model.params, names, t, packing=packing)
+        b = task_gradient(bucketed, model.params, names, t)
+        for n in names:
+            np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-5 * np.abs(b[n]).max(), err_msg=f"{t.uid} {n}")
+    tr, fr = split_params(model.params, names)
+    ev = EvalSet.build(held, [])
+    lp = {pack: score_models(fns["scorer"], stack([tr, tr]), fr, ev.seqs, ev.score_from, pack=pack)
+          for pack in (True, False)}
+    assert np.isfinite(lp[True]).all()
+    np.testing.assert_allclose(lp[True], lp[False], rtol=1e-5)
+    spec = TuneSpec(**{**SGD.__dict__, "pack": False})
+    (packed,) = list(tune_tasks(apply_fn, model.params, names, train, [None] * 3, SGD, step=fns["sgd"]))
+    (padded,) = list(tune_tasks(apply_fn, model.params, names, train, [None] * 3, spec))
+    # Each margin is a float32 difference of two log-probs of order -30: rounding ~1e-5 absolute.
+    np.testing.assert_allclose(packed.losses, padded.losses, rtol=1e-5, atol=3e-5)
+    for n in names:
+        np.testing.assert_allclose(np.asarray(packed.trainable[n]), np.asarray(padded.trainable[n]),
+                                   rtol=1e-5, atol=1e-7, err_msg=n)
+    with pytest.raises(ValueError, match="made for pack=True, the spec says pack=False"):
+        list(tune_tasks(apply_fn, model.params, names, train, [None] * 3, spec, step=fns["sgd"]))
 
 
 def test_too_few_pairs_for_a_held_out_split():

@@ -84,7 +84,11 @@ class ProbeOptions:
                              choices=("linguistics_term", "field"))
     n_perm: int = option(999, "Permutations for p-values.")
     resample_seed: int = option(0, "Seed of the permutations.")
-    eval_batch_size: int = option(16, "Sentences per evaluation batch.")
+    eval_batch_size: int = option(16, "Sentences per evaluation batch (packed: on average; pairs per "
+                                  "task-gradient batch).")
+    pack: bool = option(_T.pack, "Pack pairs (tuning steps, task gradients) and sentences (evaluation) side "
+                        "by side into rows of one shape: one compile per function and little padding; "
+                        "False: right-padded length buckets.")
     save_tuned: bool = option(False, "Save each tuned model's parameters (orbax) under WORKDIR/tuned/UID.")
 
     def __post_init__(self) -> None:
@@ -180,7 +184,7 @@ def _tune_and_eval(apply_fn, params, selected, train, masks, spec, ev, scorer, f
             failed.update(group.failed)
             if not group.uids:
                 continue
-            e = ttune.evaluate(scorer, group.trainable, frozen, ev, batch_size=opts.eval_batch_size)
+            e = ttune.evaluate(scorer, group.trainable, frozen, ev, batch_size=opts.eval_batch_size, pack=opts.pack)
             for r, uid in enumerate(group.uids):
                 i = index[uid]
                 acc[i], mar[i], ppl[i], losses[i] = e.accuracy[r], e.margin[r], e.perplexity[r], group.losses[r]
@@ -242,10 +246,11 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
 
     # Task gradients: masks, first-order vectors.
     t0 = time.perf_counter()
-    diff_fn = tpred.make_task_grad_fn(apply_fn)
-    obj_fn = diff_fn if opts.objective == "plain" else tpred.make_task_grad_fn(apply_fn, spec)
+    diff_fn = tpred.make_task_grad_fn(apply_fn, packed=opts.pack)
+    obj_fn = diff_fn if opts.objective == "plain" else tpred.make_task_grad_fn(apply_fn, spec, packed=opts.pack)
     masks, packed, upd_m, upd_u, tgt, gvec = [], [], [], [], [], []
-    gb = dict(batch_size=opts.eval_batch_size, max_len=model.max_length)
+    gb = dict(batch_size=opts.eval_batch_size, max_len=model.max_length,
+              packing=ttune.pair_packing(train + held, opts.eval_batch_size) if opts.pack else None)
     for tr_, he_ in zip(train, held):
         g = tpred.task_gradient(diff_fn, model.params, selected, tr_, **gb)
         if not all(np.isfinite(v).all() for v in g.values()):
@@ -268,7 +273,8 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
     scorer = ttune.make_group_scorer(apply_fn)
     trainable0, frozen = split_params(model.params, selected)
     t0 = time.perf_counter()
-    before = ttune.evaluate(scorer, ttune.stack([trainable0]), frozen, ev, batch_size=opts.eval_batch_size)
+    before = ttune.evaluate(scorer, ttune.stack([trainable0]), frozen, ev, batch_size=opts.eval_batch_size,
+                            pack=opts.pack)
     acc0, mar0, ppl0 = before.accuracy[0], before.margin[0], float(before.perplexity[0])
     timings["evaluate_before"] = time.perf_counter() - t0
 

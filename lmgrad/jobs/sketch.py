@@ -28,8 +28,8 @@ from lmgrad.models.loading import LoadedModel, logits_fn
 from lmgrad.params import flatten, select
 from lmgrad.sketch import make_projector
 from lmgrad.store import StoreWriter, deal
-from lmgrad.tasks import (PackedPairBatch, Task, bucket_length, degenerate_pairs, encode_pairs, iter_packed_pairs,
-                          iter_pair_batches, task_provenance)
+from lmgrad.tasks import (PackedPairBatch, Task, degenerate_pairs, encode_pairs, iter_packed_pairs,
+                          iter_pair_batches, packed_pair_shape, task_provenance)
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +219,8 @@ def sketch_batches(good: Sequence[np.ndarray], bad: Sequence[np.ndarray], opts: 
 
 
 def packed_shape(pair_lengths: Sequence[int], batch_size: int) -> tuple[int, int]:
-    """(row length, rows per batch) of packed sketch batches: rows one power-of-two bucket long
-    (at least 64 tokens) holding the longest pair, and as many as `batch_size` average pairs fill."""
-    row_len = max(64, bucket_length(max(pair_lengths)))
-    return row_len, max(1, -(-batch_size * int(sum(pair_lengths)) // (len(pair_lengths) * row_len)))
+    """(row length, rows per batch) of packed sketch batches (`lmgrad.tasks.packed_pair_shape`)."""
+    return packed_pair_shape(pair_lengths, batch_size)
 
 
 def _pair_index(batch: Any) -> np.ndarray:

@@ -11,11 +11,13 @@ from lmgrad.tasks.batching import (
     encode,
     encode_pairs,
     first_difference,
+    first_fit_rows,
     iter_bucketed,
     iter_packed,
     iter_pair_batches,
     iter_packed_pairs,
     make_batch,
+    packed_pair_shape,
     packed_row_length,
 )
 from lmgrad.tasks.blimp import (
@@ -35,7 +37,7 @@ __all__ = [
     "PAD_ID", "Batch", "bos_id", "bucket_length", "degenerate_pairs", "encode", "encode_pairs",
     "first_difference", "iter_bucketed", "iter_pair_batches", "make_batch", "PackedBatch", "iter_packed",
     "PackedPairBatch", "iter_packed_pairs",
-    "packed_row_length",
+    "packed_row_length", "packed_pair_shape", "first_fit_rows",
     "BLIMP_DIR_ENV_VAR", "BLIMP_UIDS", "blimp_path", "blimp_source_dir", "blimp_taxonomy", "blimp_uids",
     "load_blimp", "set_blimp_dir",
     "Pair", "Task", "TaskDataError", "load_jsonl", "normalise_field", "parse_jsonl",

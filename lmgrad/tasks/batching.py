@@ -24,7 +24,7 @@ from lmgrad.tasks.pairs import Pair, TaskDataError
 __all__ = [
     "PAD_ID", "Batch", "bos_id", "encode", "encode_pairs", "degenerate_pairs", "bucket_length",
     "first_difference", "make_batch", "iter_bucketed", "iter_pair_batches", "iter_packed", "PackedBatch",
-    "packed_row_length", "PackedPairBatch", "iter_packed_pairs",
+    "packed_row_length", "PackedPairBatch", "iter_packed_pairs", "packed_pair_shape", "first_fit_rows",
 ]
 
 PAD_ID = 0
@@ -296,6 +296,18 @@ def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
         members[r].append(i)
         heapq.heappush(free[c - n], r)
     return members
+
+
+def first_fit_rows(lengths: Sequence[int], capacity: int) -> int:
+    """How many rows of `capacity` tokens the packers' first-fit fills with items of `lengths`."""
+    return len(_first_fit(lengths, capacity))
+
+
+def packed_pair_shape(pair_lengths: Sequence[int], pairs_per_batch: int, *, min_row: int = 64) -> tuple[int, int]:
+    """(row length, rows per batch) for packed pair batches: rows one power-of-two bucket long (at
+    least `min_row` tokens) holding the longest pair, and as many as `pairs_per_batch` average pairs fill."""
+    row_len = max(min_row, bucket_length(max(pair_lengths)))
+    return row_len, max(1, -(-pairs_per_batch * int(sum(pair_lengths)) // (len(pair_lengths) * row_len)))
 
 
 def _even_rows(n: int, rows: int) -> int:

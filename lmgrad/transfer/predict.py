@@ -24,38 +24,60 @@ from scipy import stats as sps
 
 from lmgrad.params import param_info, split as split_params
 from lmgrad.transfer.objective import per_pair_objective
-from lmgrad.transfer.tune import ApplyFn, EncodedPairs, TuneSpec, batch_margins
+from lmgrad.transfer.tune import ApplyFn, EncodedPairs, PairPacking, TuneSpec, margins_and_valid, pair_packing
 
 
-def make_task_grad_fn(apply_fn: ApplyFn, spec: TuneSpec | None = None) -> Callable[..., tuple[dict, jax.Array]]:
-    """jit: (trainable, frozen, good, bad) → (∇ Σ_valid f, number of valid rows), where f is the
-    pair's differential ℓ(good) − ℓ(bad) (`spec=None`) or its objective under `spec`."""
+class TaskGradFn:
+    """A compiled fn(trainable, frozen, *batch) → (∇ Σ_valid f, valid pairs) and the batches it takes:
+    `packed` (one `PairPacking` batch) or (good, bad) length buckets."""
 
-    def total(tr, frozen, good, bad):
-        m = batch_margins(apply_fn, tr, frozen, good, bad)
+    def __init__(self, fn: Callable[..., Any], packed: bool) -> None:
+        self.fn, self.packed = fn, packed
+
+    def __call__(self, *args: Any) -> tuple[dict, jax.Array]:
+        return self.fn(*args)
+
+
+def make_task_grad_fn(apply_fn: ApplyFn, spec: TuneSpec | None = None, *, packed: bool = True) -> TaskGradFn:
+    """jit: (trainable, frozen, *batch) → (∇ Σ_valid f, number of valid pairs), where f is the pair's
+    differential ℓ(good) − ℓ(bad) (`spec=None`) or its objective under `spec`; `packed` batches (one
+    shape for a run) or bucketed (good, bad) ones."""
+
+    def total(tr, frozen, *batch):
+        m, valid = margins_and_valid(apply_fn, tr, frozen, *batch)
         per = -m if spec is None else per_pair_objective(m, spec.objective, scale=spec.logistic_scale,
                                                          hinge_margin=spec.hinge_margin)
-        return jnp.sum(jnp.where(good["valid"], per, 0.0))
+        return jnp.sum(jnp.where(valid, per, 0.0))
 
     @jax.jit
-    def fn(tr, frozen, good, bad):
-        return jax.grad(total)(tr, frozen, good, bad), jnp.sum(good["valid"].astype(jnp.int32))
+    def fn(tr, frozen, *batch):
+        return jax.grad(total)(tr, frozen, *batch), jnp.sum(batch[0]["valid"].astype(jnp.int32))
 
-    return fn
+    return TaskGradFn(fn, packed)
 
 
-def task_gradient(fn: Callable[..., Any], params: Any, selected: Sequence[str], task: EncodedPairs, *,
-                  batch_size: int = 16, max_len: int | None = None) -> dict[str, np.ndarray]:
-    """Mean over `task`'s pairs of the per-pair quantity `fn` differentiates (float32 numpy)."""
+def task_gradient(fn: TaskGradFn, params: Any, selected: Sequence[str], task: EncodedPairs, *,
+                  batch_size: int = 16, max_len: int | None = None,
+                  packing: PairPacking | None = None) -> dict[str, np.ndarray]:
+    """Mean over `task`'s pairs of the per-pair quantity `fn` differentiates (float32 numpy).
+
+    A packed `fn` takes batches of `packing` (default: `pair_packing([task], batch_size)`; pass one
+    shape made for all of a run's tasks so that it compiles once)."""
     from lmgrad.tasks import iter_pair_batches
 
     if len(task) == 0:
         raise ValueError(f"task {task.uid!r}: no pairs for a task gradient")
     tr, fr = split_params(params, list(selected))
+    if getattr(fn, "packed", False):
+        packing = packing or pair_packing([task], batch_size)
+        batches = ((b,) for b in packing.batches(task))
+    else:
+        batches = ((_arrays(g), _arrays(b)) for g, b in iter_pair_batches(
+            task.good, task.bad, batch_size=batch_size, score_from_good=task.score_from_good,
+            score_from_bad=task.score_from_bad, max_len=max_len))
     acc, count = None, 0
-    for g, b in iter_pair_batches(task.good, task.bad, batch_size=batch_size, score_from_good=task.score_from_good,
-                                  score_from_bad=task.score_from_bad, max_len=max_len):
-        grads, n = fn(tr, fr, _arrays(g), _arrays(b))
+    for batch in batches:
+        grads, n = fn(tr, fr, *batch)
         acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
         count += int(n)
     return {k: np.asarray(v, np.float32) / count for k, v in acc.items()}

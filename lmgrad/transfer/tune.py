@@ -27,8 +27,9 @@ import optax
 
 from lmgrad.grads.differential import pair_loss_diff
 from lmgrad.params import split as split_params, unflatten
-from lmgrad.scoring import sequence_logprob
-from lmgrad.tasks import Pair, degenerate_pairs, encode_pairs, iter_bucketed, make_batch
+from lmgrad.scoring import token_logprobs
+from lmgrad.tasks import (PAD_ID, Pair, PackedPairBatch, degenerate_pairs, encode_pairs, first_fit_rows, iter_bucketed,
+                          iter_packed, iter_packed_pairs, make_batch, packed_pair_shape, packed_row_length)
 from lmgrad.tasks.batching import bucket_length
 from lmgrad.transfer.objective import OBJECTIVES, margin_loss
 
@@ -54,6 +55,7 @@ class TuneSpec:
     weight_decay: float = 0.0
     task_batch: int = 4
     seed: int = 0
+    pack: bool = True
 
     def __post_init__(self) -> None:
         for name, choices in (("objective", OBJECTIVES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
@@ -149,6 +151,19 @@ def train_length(tasks: Sequence[EncodedPairs], max_len: int | None = None) -> i
     return bucket_length(max(t.max_len for t in tasks), max_len=max_len)
 
 
+def _step_pairs(task: EncodedPairs, *, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The pair indices of each step: epochs of a seeded permutation (depending only on (seed, uid))."""
+    n = len(task)
+    if n == 0:
+        raise ValueError(f"task {task.uid!r}: empty training split (no pairs to tune on)")
+    rng = np.random.default_rng([seed, zlib.crc32(task.uid.encode()), 1])
+    per = min(batch_size, n)
+    order: list[int] = []
+    while len(order) < steps * per:
+        order.extend(rng.permutation(n).tolist())
+    return [order[s * per: (s + 1) * per] for s in range(steps)]
+
+
 def step_batches(task: EncodedPairs, *, steps: int, batch_size: int, length: int,
                  seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(good, bad) batch arrays with a leading step axis: {field: [steps, B, T]}.
@@ -159,17 +174,8 @@ def step_batches(task: EncodedPairs, *, steps: int, batch_size: int, length: int
     Raises:
       ValueError: the task has no training pairs (names the task).
     """
-    n = len(task)
-    if n == 0:
-        raise ValueError(f"task {task.uid!r}: empty training split (no pairs to tune on)")
-    rng = np.random.default_rng([seed, zlib.crc32(task.uid.encode()), 1])
-    per = min(batch_size, n)
-    order: list[int] = []
-    while len(order) < steps * per:
-        order.extend(rng.permutation(n).tolist())
     good, bad = [], []
-    for s in range(steps):
-        idx = order[s * per: (s + 1) * per]
+    for idx in _step_pairs(task, steps=steps, batch_size=batch_size, seed=seed):
         good.append(make_batch([task.good[i] for i in idx], length=length, batch_size=batch_size,
                                score_from=[task.score_from_good[i] for i in idx], index=idx))
         bad.append(make_batch([task.bad[i] for i in idx], length=length, batch_size=batch_size,
@@ -177,6 +183,76 @@ def step_batches(task: EncodedPairs, *, steps: int, batch_size: int, length: int
     fields = ("input_ids", "attention_mask", "target_mask", "valid")
     return ({f: np.stack([getattr(b, f) for b in good]) for f in fields},
             {f: np.stack([getattr(b, f) for b in bad]) for f in fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class PairPacking:
+    """One shape for every packed pair batch of a run (so each function compiles once): `rows` rows
+    of `row_len` tokens, each holding at most `slots` pairs (a pair's good then bad sentence)."""
+
+    rows: int
+    row_len: int
+    slots: int
+
+    def batches(self, task: EncodedPairs, index: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """`task`'s pairs (those in `index`, default all) as packed batch arrays: input_ids,
+        attention_mask (segments), signed target_mask, slot [R, L] and valid [R, Q]."""
+        idx = list(range(len(task))) if index is None else list(index)
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        for b in iter_packed_pairs(pick(task.good), pick(task.bad), rows=self.rows, row_len=self.row_len,
+                                   slots=self.slots, score_from_good=pick(task.score_from_good),
+                                   score_from_bad=pick(task.score_from_bad)):
+            yield _pad_rows(b, self.rows)
+
+
+def _pad_rows(b: PackedPairBatch, rows: int) -> dict[str, np.ndarray]:
+    """Device arrays of a packed batch, padded with empty rows to `rows` (one shape for the run)."""
+    extra = rows - b.shape[0]
+
+    def pad(a: np.ndarray, value: Any) -> np.ndarray:
+        return np.pad(a, ((0, extra),) + ((0, 0),) * (a.ndim - 1), constant_values=value)
+
+    return {"input_ids": pad(b.input_ids, PAD_ID), "attention_mask": pad(b.attention_mask, 0),
+            "target_mask": pad(b.target_mask, 0.0), "slot": pad(b.slot, -1), "valid": pad(b.valid, False)}
+
+
+def _pair_lengths(tasks: Sequence[EncodedPairs]) -> list[int]:
+    return [len(g) + len(b) for t in tasks for g, b in zip(t.good, t.bad)]
+
+
+def pair_packing(tasks: Sequence[EncodedPairs], pairs_per_batch: int) -> PairPacking:
+    """The packed shape for batches of about `pairs_per_batch` pairs of any of `tasks` (rows as many
+    as that many average pairs fill; a task with more pairs takes several batches)."""
+    lengths = _pair_lengths(tasks)
+    if not lengths:
+        raise ValueError("no pairs to pack")
+    row_len, rows = packed_pair_shape(lengths, pairs_per_batch)
+    return PairPacking(rows, row_len, max(1, row_len // min(lengths)))
+
+
+def step_packing(tasks: Sequence[EncodedPairs], spec: TuneSpec) -> PairPacking:
+    """The packed shape of every tuning step of `tasks` under `spec`: rows enough for the step whose
+    pairs need the most (each step is one batch), at most as many slots as the shortest pairs fit."""
+    lengths = _pair_lengths(tasks)
+    if not lengths:
+        raise ValueError("no pairs to pack")
+    row_len = packed_pair_shape(lengths, 1)[0]
+    rows = max(first_fit_rows([len(t.good[i]) + len(t.bad[i]) for i in idx], row_len)
+               for t in tasks for idx in _step_pairs(t, steps=spec.steps, batch_size=spec.batch_size, seed=spec.seed))
+    return PairPacking(rows, row_len, max(1, row_len // min(lengths)))
+
+
+def packed_step_batches(task: EncodedPairs, *, steps: int, batch_size: int, packing: PairPacking,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """The same steps' pairs as `step_batches`, packed: {field: [steps, R, ...]} (see `PairPacking`)."""
+    out = []
+    for s, idx in enumerate(_step_pairs(task, steps=steps, batch_size=batch_size, seed=seed)):
+        (b, *more) = list(packing.batches(task, idx))
+        if more:
+            raise ValueError(f"task {task.uid!r}: step {s}'s pairs need more than {packing.rows} rows of "
+                             f"{packing.row_len} tokens (a packing made for other tasks?)")
+        out.append(b)
+    return {f: np.stack([b[f] for b in out]) for f in out[0]}
 
 
 # ----------------------------------------------------------------------------------- step
@@ -189,17 +265,35 @@ def batch_margins(apply_fn: ApplyFn, trainable: Mapping[str, jax.Array], frozen:
     return -pair_loss_diff(apply_fn, unflatten({**frozen, **trainable}), good, bad)
 
 
+def packed_margins(apply_fn: ApplyFn, trainable: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array],
+                   batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Margins log p(good) − log p(bad) [R, Q] of a packed batch (`PairPacking`; 0 in empty slots):
+    the signed target mask makes each pair's token sum the difference of its two sentences."""
+    ids = batch["input_ids"]
+    lp = token_logprobs(apply_fn(unflatten({**frozen, **trainable}), ids, batch["attention_mask"]), ids)
+    slots = batch["slot"][..., None] == jnp.arange(batch["valid"].shape[-1])
+    return jnp.einsum("rl,rlq->rq", lp * batch["target_mask"], slots.astype(lp.dtype))
+
+
+def margins_and_valid(apply_fn: ApplyFn, trainable: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array],
+                      *batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(margins, valid) as flat [P] arrays of one batch: `(good, bad)` bucketed or `(packed,)`."""
+    if len(batch) == 1:
+        return packed_margins(apply_fn, trainable, frozen, batch[0]).reshape(-1), batch[0]["valid"].reshape(-1)
+    good, bad = batch
+    return batch_margins(apply_fn, trainable, frozen, good, bad), good["valid"]
+
+
 def make_group_step(apply_fn: ApplyFn, spec: TuneSpec) -> Callable[..., Any]:
-    """jit(vmap) step over G tasks: (trainable_G, opt_state_G, mask_G, frozen, good_G, bad_G) →
-    (trainable_G, opt_state_G, loss_G). Leaves of *_G have a leading task axis; `frozen` is shared.
-    `.traces` counts compilations."""
+    """jit(vmap) step over G tasks: (trainable_G, opt_state_G, mask_G, frozen, *batch_G) →
+    (trainable_G, opt_state_G, loss_G), the batch `(packed_G,)` with `spec.pack`, else `(good_G, bad_G)`.
+    Leaves of *_G have a leading task axis; `frozen` is shared. `.traces` counts compilations."""
     opt = spec.optimizer_fn()
 
-    def one(trainable, opt_state, mask, frozen, good, bad):
+    def one(trainable, opt_state, mask, frozen, *batch):
         def loss_fn(tr):
-            m = batch_margins(apply_fn, tr, frozen, good, bad)
-            return margin_loss(m, good["valid"], spec.objective, scale=spec.logistic_scale,
-                               hinge_margin=spec.hinge_margin)
+            m, valid = margins_and_valid(apply_fn, tr, frozen, *batch)
+            return margin_loss(m, valid, spec.objective, scale=spec.logistic_scale, hinge_margin=spec.hinge_margin)
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
         grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, mask)
@@ -207,10 +301,11 @@ def make_group_step(apply_fn: ApplyFn, spec: TuneSpec) -> Callable[..., Any]:
         updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros((), u.dtype)), updates, mask)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    vstep = jax.vmap(one, in_axes=(0, 0, 0, None, 0, 0))
+    vstep = jax.vmap(one, in_axes=(0, 0, 0, None) + (0,) * (1 if spec.pack else 2))
 
     class Step:
         traces = 0
+        packed = spec.pack
 
         def __init__(self) -> None:
             def counted(*args):
@@ -263,17 +358,29 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
             raise ValueError(f"task {t.uid!r}: empty training split (no pairs to tune on)")
     trainable0, frozen = split_params(params, list(selected))
     frozen = {n: jnp.asarray(v) for n, v in frozen.items()}
-    length = length or train_length(tasks, max_len)
     step = step or make_group_step(apply_fn, spec)
+    if getattr(step, "packed", spec.pack) != spec.pack:
+        raise ValueError(f"the step was made for pack={step.packed}, the spec says pack={spec.pack}")
+    if spec.pack:
+        packing = step_packing(tasks, spec)
+        for t in tasks:
+            if max(map(len, t.good + t.bad)) > (max_len or np.inf):
+                raise ValueError(f"task {t.uid!r}: a sentence is longer than max_len={max_len}")
+    else:
+        length = length or train_length(tasks, max_len)
     g_size = spec.task_batch
     for lo in range(0, len(tasks), g_size):
         group = list(range(lo, min(lo + g_size, len(tasks))))
         real = len(group)
         group += [group[-1]] * (g_size - real)           # pad: one shape for every group
-        data = [step_batches(tasks[i], steps=spec.steps, batch_size=spec.batch_size, length=length,
-                             seed=spec.seed) for i in group]
-        good = {f: np.stack([d[0][f] for d in data]) for f in data[0][0]}   # [G, S, B, T]
-        bad = {f: np.stack([d[1][f] for d in data]) for f in data[0][1]}
+        if spec.pack:
+            data = [packed_step_batches(tasks[i], steps=spec.steps, batch_size=spec.batch_size, packing=packing,
+                                        seed=spec.seed) for i in group]
+            batches = ({f: np.stack([d[f] for d in data]) for f in data[0]},)   # [G, S, R, ...]
+        else:
+            data = [step_batches(tasks[i], steps=spec.steps, batch_size=spec.batch_size, length=length,
+                                 seed=spec.seed) for i in group]
+            batches = tuple({f: np.stack([d[k][f] for d in data]) for f in data[0][k]} for k in (0, 1))  # [G, S, B, T]
         mask = stack([{n: (np.ones(np.shape(trainable0[n]), bool) if masks[i] is None else masks[i][n])
                        for n in selected} for i in group])
         tr = stack([trainable0] * g_size)
@@ -281,8 +388,7 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
         losses = np.full((g_size, spec.steps), np.nan)
         failed: dict[str, str] = {}
         for s in range(spec.steps):
-            tr, state, loss = step(tr, state, mask, frozen, {f: v[:, s] for f, v in good.items()},
-                                   {f: v[:, s] for f, v in bad.items()})
+            tr, state, loss = step(tr, state, mask, frozen, *({f: v[:, s] for f, v in b.items()} for b in batches))
             losses[:, s] = np.asarray(loss)
             for g in range(real):
                 uid = tasks[group[g]].uid
@@ -308,24 +414,39 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
 
 # ----------------------------------------------------------------------------------- evaluation
 def make_group_scorer(apply_fn: ApplyFn) -> Callable[..., jax.Array]:
-    """jit: (trainable_G, frozen, input_ids, attention_mask, target_mask) → log-probs [G, B]."""
+    """jit: (trainable_G, frozen, input_ids, attention_mask, target_mask) → target_mask · log p per
+    token [G, B, T] (summed per sentence on the host, for packed rows and padded rows alike)."""
 
     def one(trainable, frozen, ids, attn, tgt):
         logits = apply_fn(unflatten({**frozen, **trainable}), ids, attn)
-        return sequence_logprob(logits, ids, tgt)
+        return token_logprobs(logits, ids) * tgt
 
     return jax.jit(jax.vmap(one, in_axes=(0, None, None, None, None)))
 
 
 def score_models(scorer: Callable[..., jax.Array], trainable_g: Mapping[str, jax.Array],
                  frozen: Mapping[str, jax.Array], seqs: Sequence[np.ndarray], score_from: Sequence[int], *,
-                 batch_size: int = 16, max_len: int | None = None) -> np.ndarray:
-    """float64 [G, N]: log-prob of every sequence under each of G stacked models."""
+                 batch_size: int = 16, max_len: int | None = None, pack: bool = True) -> np.ndarray:
+    """float64 [G, N]: log-prob of every sequence under each of G stacked models.
+
+    `pack`: sentences back to back in rows of one shape (`lmgrad.tasks.iter_packed`, `batch_size` × 32
+    tokens per batch); otherwise `batch_size` right-padded sentences per batch in length buckets."""
     g = jax.tree.leaves(trainable_g)[0].shape[0]
     out = np.full((g, len(seqs)), np.nan)
+    if not len(seqs):
+        return out
+    if pack:
+        row_len = packed_row_length([len(s) for s in seqs], max_len=max_len)
+        out[:] = 0.0
+        for b in iter_packed(seqs, rows=max(1, batch_size * 32 // row_len), row_len=row_len, score_from=score_from):
+            lp = np.asarray(scorer(trainable_g, frozen, b.input_ids, b.attention_mask, b.target_mask), np.float64)
+            held = b.owner >= 0
+            for m in range(g):
+                np.add.at(out[m], b.owner[held], lp[m][held])
+        return out
     for b in iter_bucketed(seqs, batch_size=batch_size, score_from=score_from, max_len=max_len):
-        lp = np.asarray(scorer(trainable_g, frozen, b.input_ids, b.attention_mask, b.target_mask))
-        out[:, b.index[b.valid]] = lp[:, b.valid]
+        lp = np.asarray(scorer(trainable_g, frozen, b.input_ids, b.attention_mask, b.target_mask), np.float64)
+        out[:, b.index[b.valid]] = lp.sum(axis=-1)[:, b.valid]
     return out
 
 
@@ -370,9 +491,10 @@ class Evaluation:
 
 
 def evaluate(scorer: Callable[..., jax.Array], trainable_g: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array],
-             ev: EvalSet, *, batch_size: int = 16, max_len: int | None = None) -> Evaluation:
-    """Scores the G models on the held-out pairs of every task and on the neutral text."""
-    lp = score_models(scorer, trainable_g, frozen, ev.seqs, ev.score_from, batch_size=batch_size, max_len=max_len)
+             ev: EvalSet, *, batch_size: int = 16, max_len: int | None = None, pack: bool = True) -> Evaluation:
+    """Scores the G models on the held-out pairs of every task and on the neutral text (`score_models`)."""
+    lp = score_models(scorer, trainable_g, frozen, ev.seqs, ev.score_from, batch_size=batch_size, max_len=max_len,
+                      pack=pack)
     margins = [lp[:, g] - lp[:, b] for g, b in zip(ev.good_index, ev.bad_index)]
     acc = np.stack([(m > 0).mean(axis=1) for m in margins], axis=1)
     mar = np.stack([m.mean(axis=1) for m in margins], axis=1)
