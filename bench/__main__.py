@@ -40,6 +40,7 @@ SCRIPTS = {
     "sweep_reuse": ("bench_sweep_reuse.py", "a sweep's per-checkpoint sketch time: memoised sketcher vs re-trace"),
     "kernels": ("bench_kernels.py", "GPT-2-small components (attention, bmm, MLP, vocabulary head) in JAX vs torch"),
     "sketch_stage": ("bench_sketch_stage.py", "the main job's sketch stage (SmolLM2, BLiMP): packed pairs vs length buckets"),
+    "probe_stage": ("bench_probe_stage.py", "the FTGD probe job (SmolLM2, BLiMP): packed rows vs length buckets"),
 }
 NATIVE = {
     "speed": "factored sketch vs plain step, large matmul, PyTorch hook and vmap peers; ratios in one process",
