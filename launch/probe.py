@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         inputs, options = from_flags(InputOptions), from_flags(job.ProbeOptions)
     if FLAGS.dry_run:
         plan.dry_run("probe", inputs, batch_size=options.batch_size, optimizer=options.optimizer,
-                     task_batch=options.task_batch)
+                     task_batch=options.task_batch, pack=options.pack)
         return
     result = job.run(inputs, options, FLAGS.workdir, target=FLAGS.target)
     f = result["summary"]["ftgd"]

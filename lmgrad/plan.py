@@ -186,8 +186,9 @@ def _tree_bytes(tree: Any) -> int:
 
 
 def _measure(job: str, config: Any, mesh: Any, opts: Any, rows: int, seq_len: int, dtype: Any,
-             optimizer_moments: int) -> dict[str, float]:
-    """Per-device byte counts of one compiled stage function (no allocation)."""
+             optimizer_moments: int, pack: bool = True) -> dict[str, float]:
+    """Per-device byte counts of one compiled stage function (no allocation); `rows` are pairs
+    (sketch, probe) or sentences (evaluate), the probe's packed (`pack`) as its tuning step packs them."""
     params = _abstract_params(config, dtype)
     shardings = sharding.param_shardings(params, mesh)
     parameters = sharding.shard_bytes(params, shardings)
@@ -210,6 +211,14 @@ def _measure(job: str, config: Any, mesh: Any, opts: Any, rows: int, seq_len: in
                                               slots=max(1, row_len // (2 * seq_len))).compile()
         else:
             compiled = sk.fn.lower_shapes(model.params, rows, seq_len, prepare).compile()
+    elif job == "probe":  # one tuning step: `rows` pairs of two `seq_len`-token sentences
+        from lmgrad.tasks import packed_pair_shape
+
+        if pack:
+            row_len, n_rows = packed_pair_shape([2 * seq_len], rows)
+            compiled = _stage_fn(job, config, mesh, params, shardings, n_rows, row_len)
+        else:
+            compiled = _stage_fn(job, config, mesh, params, shardings, 2 * rows, seq_len)
     else:
         compiled = _stage_fn(job, config, mesh, params, shardings, rows, seq_len)
     mem = compiled.memory_analysis()
@@ -256,13 +265,15 @@ def _stage_fn(job: str, config: Any, mesh: Any, params: Mapping[str, Any], shard
 
 def plan(model: str, *, job: str = "sketch", mesh: str = "", num_devices: int | None = None, sketch: Any = None,
          seq_len: int = 64, batch_size: int = 16, dtype: str = "float32", device_memory_gb: float | None = None,
-         depth: str = "full", fit: bool = True, optimizer: str = "adam", task_batch: int = 1) -> Plan:
+         depth: str = "full", fit: bool = True, optimizer: str = "adam", task_batch: int = 1,
+         pack: bool = True) -> Plan:
     """The per-device memory plan of `job` for `model` (see the module docstring); nothing is read
     but config.json and nothing is allocated.
 
     `sketch` is a `lmgrad.jobs.sketch.SketchOptions` (method auto is resolved from the parameter
-    count); `batch_size` is pairs per batch (sentences for evaluate); `optimizer`/`task_batch` are
-    the probe stage's (its task_batch tuned copies each hold parameters and moments). `fit=False`
+    count); `batch_size` is pairs per batch (sentences for evaluate); `optimizer`/`task_batch`/`pack`
+    are the probe stage's (its task_batch tuned copies each hold parameters and moments; its step's
+    pairs packed into rows or padded, `ProbeOptions.pack`). `fit=False`
     compiles one batch size only (half the compiles; no per-row cost, no largest batch).
     """
     from lmgrad.jobs.sketch import SketchOptions
@@ -285,7 +296,7 @@ def plan(model: str, *, job: str = "sketch", mesh: str = "", num_devices: int | 
 
     def at(layers: int, rows: int) -> dict[str, float]:
         cfg = dataclasses.replace(config, num_layers=layers)
-        return _measure(job, cfg, m, opts, rows, seq_len, dt, moments)
+        return _measure(job, cfg, m, opts, rows, seq_len, dt, moments, pack)
 
     full = at(config.num_layers, rows1) if depth == "full" else None
 
@@ -337,14 +348,15 @@ def define_flags() -> None:
 
 
 def dry_run(job: str, inputs: Any, *, sketch: Any = None, batch_size: int = 16, optimizer: str = "adam",
-            task_batch: int = 1, num_devices: int | None = None) -> Plan:
+            task_batch: int = 1, pack: bool = True, num_devices: int | None = None) -> Plan:
     """The plan for a launcher's options, printed (with its JSON form) and returned."""
     from absl import flags
 
     f = flags.FLAGS
     p = plan(inputs.model, job=job, mesh=inputs.mesh, num_devices=num_devices, sketch=sketch,
              seq_len=f.dry_run_seq_len, batch_size=batch_size, dtype=inputs.dtype,
-             device_memory_gb=f.device_memory_gb, depth=f.dry_run_depth, optimizer=optimizer, task_batch=task_batch)
+             device_memory_gb=f.device_memory_gb, depth=f.dry_run_depth, optimizer=optimizer, task_batch=task_batch,
+             pack=pack)
     print(p.table())
     print(json.dumps(p.to_dict()))
     return p

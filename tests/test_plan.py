@@ -95,6 +95,42 @@ print(json.dumps(out))
 PUBLISHED = {"gpt2": 124_439_808, "pythia-12b": 11_846_072_320, "llama-3-8b": 8_030_261_248}
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_probe_plan_against_the_real_tuning_step(ckpt, pack):
+    """The probe's plan (4 pairs of SEQ-token sentences) against XLA's buffer assignment of the real
+    FTGD step (`make_group_step`, Adam, every parameter tuned) on the batch the job would build."""
+    from lmgrad.models import load_model, logits_fn
+    from lmgrad.params import flatten, split as split_params
+    from lmgrad.transfer import TuneSpec, make_group_step, packed_step_batches, step_batches, step_packing
+    from lmgrad.transfer.tune import EncodedPairs, stack
+
+    rows = 4
+    # One device: the probe tunes on one (its data axis would split the batch rows).
+    p = lplan.plan(str(ckpt), job="probe", num_devices=1, seq_len=SEQ, batch_size=rows, optimizer="adam", fit=False,
+                   pack=pack)
+    model = load_model(str(ckpt))
+    good = [np.arange(1, SEQ + 1, dtype=np.int32) % 500 + 3 for _ in range(rows)]
+    bad = [np.where(np.arange(SEQ) == 4, 7, g).astype(np.int32) for g in good]
+    task = EncodedPairs("t", tuple(range(rows)), good, bad, np.ones(rows, np.int64), np.ones(rows, np.int64))
+    spec = TuneSpec(steps=1, batch_size=rows, task_batch=1, pack=pack)
+    if pack:
+        batch = (packed_step_batches(task, steps=1, batch_size=rows, packing=step_packing([task], spec)),)
+    else:
+        batch = step_batches(task, steps=1, batch_size=rows, length=SEQ)
+    batch = tuple({f: v[None, 0] for f, v in b.items()} for b in batch)   # task axis G = 1, step 0
+    tr, fr = split_params(model.params, sorted(flatten(model.params)))
+    step = make_group_step(logits_fn(model), spec)
+    trg = stack([tr])
+    mask = stack([{n: np.ones(np.shape(v), bool) for n, v in tr.items()}])
+    mem = step.fn.lower(trg, step.init(trg), mask, fr, *batch).compile().memory_analysis()
+    weights = sum(x.nbytes for x in jax.tree.leaves(tr))
+    assert p.parameters == weights and p.optimizer == 2 * weights
+    # The planned gradient program is the step's forward and backward without Adam and the masks.
+    assert p.activations == pytest.approx(mem.temp_size_in_bytes, rel=0.03)
+    real = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    assert p.total == pytest.approx(real, rel=0.05)
+
+
 @pytest.mark.heavy  # 40 s: compiles full-depth 8B/12B graphs
 def test_big_model_plans_allocate_nothing():
     r = subprocess.run([sys.executable, "-c", _BIG], capture_output=True, text=True, timeout=900, cwd=ROOT,
