@@ -239,6 +239,15 @@ def test_empty_training_split_is_refused(model, data):
                         TuneSpec(steps=1)))
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_sentence_over_max_len_is_refused_by_task(model, data, pack):
+    train, _ = data
+    cap = train[0].max_len - 1
+    with pytest.raises(ValueError, match=rf"{train[0].uid!r}.*longer than max_len={cap}"):
+        list(tune_tasks(logits_fn(model), model.params, names_of(model), train[:1], [None],
+                        TuneSpec(steps=1, pack=pack), max_len=cap))
+
+
 def test_non_finite_loss_stops_that_task_only(model, data, fns):
     train, _ = data
     names = names_of(model)

@@ -348,8 +348,14 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
     non-finite stops counting: it is named in `failed` with the step, and left out of `uids`;
     the other tasks of its group, and the finished groups, are kept.
 
+    Batches: with `spec.pack` each step's pairs are packed into rows of one shape shared by every
+    task and step (`step_packing`); otherwise good and bad sentences are padded to `length`
+    (default `train_length`). Both take the same pairs at each step. `step` (default: made from
+    `spec`) must be made for the same `spec.pack`.
+
     Raises:
-      ValueError: a task with an empty training split (named), or masks/tasks of unequal length.
+      ValueError: a task with an empty training split (named), a sentence longer than `max_len`,
+        masks/tasks of unequal length, or a step made for the other batching.
     """
     if len(masks) != len(tasks):
         raise ValueError(f"{len(masks)} masks for {len(tasks)} tasks")
@@ -361,11 +367,11 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
     step = step or make_group_step(apply_fn, spec)
     if getattr(step, "packed", spec.pack) != spec.pack:
         raise ValueError(f"the step was made for pack={step.packed}, the spec says pack={spec.pack}")
+    too_long = [t.uid for t in tasks if max_len is not None and t.max_len > max_len]
+    if too_long:
+        raise ValueError(f"task(s) {too_long}: a sentence is longer than max_len={max_len}")
     if spec.pack:
         packing = step_packing(tasks, spec)
-        for t in tasks:
-            if max(map(len, t.good + t.bad)) > (max_len or np.inf):
-                raise ValueError(f"task {t.uid!r}: a sentence is longer than max_len={max_len}")
     else:
         length = length or train_length(tasks, max_len)
     g_size = spec.task_batch
