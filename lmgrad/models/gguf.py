@@ -277,6 +277,30 @@ def _check_rope_freqs(tensor, path: pathlib.Path) -> None:
             "this checkpoint is not supported")
 
 
+def _config(reader: Any, path: pathlib.Path) -> tuple[str, PretrainedConfig]:
+    arch = _string_field(reader, "general.architecture", path)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
+    from transformers import AutoConfig
+
+    # Exactly what from_pretrained(dir, gguf_file=name) does, so config fields agree with transformers.
+    try:
+        return arch, AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers' messages do not name the file
+        raise ValueError(f"{path}: transformers could not build a config from the GGUF metadata "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def gguf_config(path: str | os.PathLike) -> PretrainedConfig:
+    """The transformers config of a GGUF file, from its metadata alone (no tensor is dequantised).
+
+    Raises:
+      ValueError: not a GGUF file, or an architecture not in `ARCHITECTURES` (the file named).
+    """
+    path = pathlib.Path(path).expanduser().resolve()
+    return _config(_read_header(path), path)[1]
+
+
 def load_gguf(path: str | os.PathLike, *, load_tokenizer: bool = True) -> GGUFCheckpoint:
     """Load a GGUF file as an HF-named float32 state dict, its transformers config and tokenizer.
 
@@ -290,20 +314,10 @@ def load_gguf(path: str | os.PathLike, *, load_tokenizer: bool = True) -> GGUFCh
         table does not know; an expected HF tensor missing or of the wrong shape.
     """
     import gguf
-    from transformers import AutoConfig
 
     path = pathlib.Path(path).expanduser().resolve()
     reader = _read_header(path)
-    arch = _string_field(reader, "general.architecture", path)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
-
-    # Exactly what from_pretrained(dir, gguf_file=name) does, so config fields agree with transformers.
-    try:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:  # transformers' messages do not name the file
-        raise ValueError(f"{path}: transformers could not build a config from the GGUF metadata "
-                         f"({type(e).__name__}: {e})") from e
+    arch, config = _config(reader, path)
     table = ARCHITECTURES[arch]
     expected = table.expected(config)
 
