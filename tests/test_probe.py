@@ -61,6 +61,51 @@ def test_smoke_job_writes_the_transfer_space(ckpt, tmp_path):
     assert sorted(p.name for p in (tmp_path / "tuned").iterdir()) == sorted(z["tasks"].tolist())
 
 
+def test_probe_on_a_device_mesh_equals_one_device(ckpt, tmp_path, monkeypatch):
+    """Rows split over a data axis (and parameters over fsdp) change nothing but float32 summation
+    order: every array of the job agrees with the one-device run (4 simulated CPU devices), and every
+    batch the job computed on (gradients, tuning steps, evaluation) was split over the data axis."""
+    from lmgrad.transfer import predict, tune
+
+    split = []
+
+    def recording(arrays, mesh, axis=0):
+        out = real(arrays, mesh, axis)
+        for v in out.values():
+            split.append((axis, v.shape[axis] // v.sharding.shard_shape(v.shape)[axis]))
+        return out
+
+    real = tune.on_rows
+    monkeypatch.setattr(tune, "on_rows", recording)
+    monkeypatch.setattr(predict, "on_rows", recording)
+    inputs, probe = smoke_options(ckpt)
+    probe = dataclasses.replace(probe, n_perm=20)
+    model = load_model(str(ckpt))
+    out = {}
+    for mesh in ("data:1,fsdp:1", "data:4", "data:2,fsdp:2"):
+        job.run(dataclasses.replace(inputs, mesh=mesh), probe, tmp_path / mesh, model=model, progress=False)
+        out[mesh] = np.load(tmp_path / mesh / "transfer.npz")
+    assert {a for a, _ in split} == {0, 1} and {n for _, n in split} == {1, 2, 4}   # steps on axis 1
+    ref = out["data:1,fsdp:1"]
+    for mesh in ("data:4", "data:2,fsdp:2"):
+        stats = json.loads((tmp_path / mesh / "stats.json").read_text())
+        assert stats["inputs"]["mesh"] == mesh and stats["summary"]["failed"] == {}
+        for k in ref.files:
+            if ref[k].dtype.kind == "f":   # margins are differences of log-probs of ~30 nats: 1e-5 of it
+                scale = max(float(np.nanmax(np.abs(ref[k]))), 1.0)
+                np.testing.assert_allclose(out[mesh][k], ref[k], rtol=0, atol=5e-4 * scale, err_msg=f"{mesh} {k}")
+            else:
+                np.testing.assert_array_equal(out[mesh][k], ref[k], err_msg=f"{mesh} {k}")
+
+
+def test_bucketed_probe_needs_batches_that_split_over_the_mesh(ckpt, tmp_path):
+    inputs, probe = smoke_options(ckpt)
+    probe = dataclasses.replace(probe, pack=False, batch_size=6)
+    with pytest.raises(ValueError, match=r"--batch_size=6 is not a multiple of the mesh's data axis \(4\)"):
+        job.run(dataclasses.replace(inputs, mesh="data:4"), probe, tmp_path, model=load_model(str(ckpt)),
+                progress=False)
+
+
 def test_launcher_refuses_bad_input(ckpt, tmp_path, capsys):
     base = [f"--model={ckpt}", "--tasks=blimp:passive_1,passive_2", f"--workdir={tmp_path}"]
     with pytest.raises(SystemExit) as e:

@@ -32,6 +32,7 @@ from lmgrad.jobs.inputs import InputOptions
 from lmgrad.jobs.schema import check_choices, nested, option, to_dict
 from lmgrad.models.loading import LoadedModel, logits_fn
 from lmgrad.params import flatten, select as select_params, split as split_params
+from lmgrad.sharding import place
 from lmgrad.tasks import Task, encode
 from lmgrad.transfer import objective as tobj
 from lmgrad.transfer import predict as tpred
@@ -165,7 +166,7 @@ def _save_tuned(root: pathlib.Path, uid: str, trainable: dict[str, Any]) -> None
 
 def _tune_and_eval(apply_fn, params, selected, train, masks, spec, ev, scorer, frozen, opts, *,
                    save_dir: pathlib.Path | None = None, desc: str = "", progress: bool = True,
-                   step: Any = None) -> dict[str, Any]:
+                   step: Any = None, mesh: Any = None) -> dict[str, Any]:
     """Tunes every task and evaluates each tuned model on `ev`; rows in task order (NaN: failed)."""
     from tqdm import tqdm
 
@@ -180,11 +181,12 @@ def _tune_and_eval(apply_fn, params, selected, train, masks, spec, ev, scorer, f
     t0 = time.perf_counter()
     with tqdm(total=t, unit="task", desc=desc, disable=not progress) as bar:
         for group in ttune.tune_tasks(apply_fn, params, selected, train, masks, spec, progress=bar.update,
-                                         step=step):
+                                         step=step, mesh=mesh):
             failed.update(group.failed)
             if not group.uids:
                 continue
-            e = ttune.evaluate(scorer, group.trainable, frozen, ev, batch_size=opts.eval_batch_size, pack=opts.pack)
+            e = ttune.evaluate(scorer, group.trainable, frozen, ev, batch_size=opts.eval_batch_size, pack=opts.pack,
+                               mesh=mesh)
             for r, uid in enumerate(group.uids):
                 i = index[uid]
                 acc[i], mar[i], ppl[i], losses[i] = e.accuracy[r], e.margin[r], e.perplexity[r], group.losses[r]
@@ -199,7 +201,11 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
         model: LoadedModel | None = None, tasks: Sequence[Task] | None = None, progress: bool = True,
         target: str | None = None) -> dict[str, Any]:
     """The probe stage; writes WORKDIR/{transfer.npz, stats.json, report.md, *.png} and returns
-    the stats (with `ranking` for `target`, a task uid, when given)."""
+    the stats (with `ranking` for `target`, a task uid, when given).
+
+    Every batch (task gradients, tuning steps, evaluation) is split over the data axis of the mesh
+    `inputs.mesh` names (default: every local device on data), and the parameters are placed by the
+    sharding rules (replicated, or sharded over fsdp); a given `model` is placed there too."""
     t_start = time.perf_counter()
     opts = options
     workdir = pathlib.Path(workdir)
@@ -210,7 +216,12 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
     uids = [t.uid for t in tasks]
     if target is not None and target not in uids:
         raise ValueError(f"--target={target!r} is not among the selected tasks {uids}")
-    model = inputs.load_model() if model is None else model
+    mesh = inputs.make_mesh()
+    if not opts.pack:   # packed rows are padded to split evenly; bucketed batches must already
+        ttune.check_rows("--batch_size", opts.batch_size, mesh)
+        ttune.check_rows("--eval_batch_size", opts.eval_batch_size, mesh)
+    model = inputs.load_model(mesh) if model is None else model
+    model = dataclasses.replace(model, params=place(model.params, mesh))
     if model.tokenizer is None:
         raise ValueError(f"{model.spec}: model was loaded without a tokenizer")
     timings: dict[str, float] = {}
@@ -250,7 +261,7 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
     obj_fn = diff_fn if opts.objective == "plain" else tpred.make_task_grad_fn(apply_fn, spec, packed=opts.pack)
     masks, packed, upd_m, upd_u, tgt, gvec = [], [], [], [], [], []
     gb = dict(batch_size=opts.eval_batch_size, max_len=model.max_length,
-              packing=ttune.pair_packing(train + held, opts.eval_batch_size) if opts.pack else None)
+              packing=ttune.pair_packing(train + held, opts.eval_batch_size) if opts.pack else None, mesh=mesh)
     for tr_, he_ in zip(train, held):
         g = tpred.task_gradient(diff_fn, model.params, selected, tr_, **gb)
         if not all(np.isfinite(v).all() for v in g.values()):
@@ -274,13 +285,13 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
     trainable0, frozen = split_params(model.params, selected)
     t0 = time.perf_counter()
     before = ttune.evaluate(scorer, ttune.stack([trainable0]), frozen, ev, batch_size=opts.eval_batch_size,
-                            pack=opts.pack)
+                            pack=opts.pack, mesh=mesh)
     acc0, mar0, ppl0 = before.accuracy[0], before.margin[0], float(before.perplexity[0])
     timings["evaluate_before"] = time.perf_counter() - t0
 
     # FTGD.
     save_dir = workdir / "tuned" if opts.save_tuned else None
-    common = dict(ev=ev, scorer=scorer, frozen=frozen, opts=opts, progress=progress)
+    common = dict(ev=ev, scorer=scorer, frozen=frozen, opts=opts, progress=progress, mesh=mesh)
     step = ttune.make_group_step(apply_fn, spec)    # compiled once, shared by FTGD and unmasked tuning
     ftgd = _tune_and_eval(apply_fn, model.params, selected, train, masks, spec, save_dir=save_dir,
                           desc=f"FTGD (p={opts.top_p})", step=step, **common)
@@ -291,7 +302,7 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
                                   desc="unmasked", step=step, **common)
         timings["unmasked"] = unmasked["seconds"]
     one_step = []
-    full_batch = max(len(t) for t in train)
+    full_batch = ttune.rows_for(max(len(t) for t in train), mesh)   # all pairs; rows split evenly
     for lr in opts.first_order_lrs:
         s1 = opts.tune_spec(optimizer="sgd", learning_rate=lr, steps=1, batch_size=full_batch, schedule="constant",
                             warmup_steps=0)

@@ -24,7 +24,8 @@ from scipy import stats as sps
 
 from lmgrad.params import param_info, split as split_params
 from lmgrad.transfer.objective import per_pair_objective
-from lmgrad.transfer.tune import ApplyFn, EncodedPairs, PairPacking, TuneSpec, margins_and_valid, pair_packing
+from lmgrad.transfer.tune import (ApplyFn, EncodedPairs, PairPacking, TuneSpec, check_rows, margins_and_valid, on_rows,
+                                  pair_packing)
 
 
 class TaskGradFn:
@@ -58,21 +59,23 @@ def make_task_grad_fn(apply_fn: ApplyFn, spec: TuneSpec | None = None, *, packed
 
 def task_gradient(fn: TaskGradFn, params: Any, selected: Sequence[str], task: EncodedPairs, *,
                   batch_size: int = 16, max_len: int | None = None,
-                  packing: PairPacking | None = None) -> dict[str, np.ndarray]:
+                  packing: PairPacking | None = None, mesh: Any = None) -> dict[str, np.ndarray]:
     """Mean over `task`'s pairs of the per-pair quantity `fn` differentiates (float32 numpy).
 
     A packed `fn` takes batches of `packing` (default: `pair_packing([task], batch_size)`; pass one
-    shape made for all of a run's tasks so that it compiles once)."""
+    shape made for all of a run's tasks so that it compiles once). `mesh`: each batch's rows split
+    over its data axis (`lmgrad.transfer.tune`'s module docstring)."""
     from lmgrad.tasks import iter_pair_batches
 
     if len(task) == 0:
         raise ValueError(f"task {task.uid!r}: no pairs for a task gradient")
     tr, fr = split_params(params, list(selected))
     if getattr(fn, "packed", False):
-        packing = packing or pair_packing([task], batch_size)
-        batches = ((b,) for b in packing.batches(task))
+        packing = (packing or pair_packing([task], batch_size)).for_mesh(mesh)
+        batches = ((on_rows(b, mesh),) for b in packing.batches(task))
     else:
-        batches = ((_arrays(g), _arrays(b)) for g, b in iter_pair_batches(
+        check_rows("batch_size", batch_size, mesh)
+        batches = ((on_rows(_arrays(g), mesh), on_rows(_arrays(b), mesh)) for g, b in iter_pair_batches(
             task.good, task.bad, batch_size=batch_size, score_from_good=task.score_from_good,
             score_from_bad=task.score_from_bad, max_len=max_len))
     acc, count = None, 0
@@ -83,8 +86,8 @@ def task_gradient(fn: TaskGradFn, params: Any, selected: Sequence[str], task: En
     return {k: np.asarray(v, np.float32) / count for k, v in acc.items()}
 
 
-def _arrays(batch: Any) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(getattr(batch, k)) for k in ("input_ids", "attention_mask", "target_mask", "valid")}
+def _arrays(batch: Any) -> dict[str, np.ndarray]:
+    return {k: np.asarray(getattr(batch, k)) for k in ("input_ids", "attention_mask", "target_mask", "valid")}
 
 
 def vectorize(tree: Mapping[str, Any], projector: Any = None, mask: Mapping[str, np.ndarray] | None = None) -> np.ndarray:

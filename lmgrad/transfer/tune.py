@@ -11,6 +11,12 @@ task tuned in a group equals the task tuned alone (`tests/test_transfer.py`).
 
 Masking: the gradient and the optimiser's update are both multiplied by the mask, so masked-out
 parameters never move, whatever the optimiser (weight decay, momentum) would do.
+
+Devices: with a `mesh`, every batch's rows are split over its data axis (`on_rows`) and the
+parameters are wherever the caller placed them (replicated, or sharded over fsdp by
+`lmgrad.sharding.place`); XLA partitions each compiled step accordingly and sums the gradients over
+the data axis. Packed batches get their rows padded to a multiple of the data axis; bucketed ones
+need a batch size that is one.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import optax
 
 from lmgrad.grads.differential import pair_loss_diff
 from lmgrad.params import split as split_params, unflatten
+from lmgrad.sharding import DATA
 from lmgrad.scoring import token_logprobs
 from lmgrad.tasks import (PAD_ID, Pair, PackedPairBatch, degenerate_pairs, encode_pairs, first_fit_rows, iter_bucketed,
                           iter_packed, iter_packed_pairs, make_batch, packed_pair_shape, packed_row_length)
@@ -37,6 +44,37 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
+
+
+# ----------------------------------------------------------------------------------- devices
+def data_size(mesh: Any) -> int:
+    """Devices along `mesh`'s data axis (1 without a mesh)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get(DATA, 1))
+
+
+def on_rows(arrays: Mapping[str, Any], mesh: Any, axis: int = 0) -> dict[str, Any]:
+    """`arrays` with their rows (`axis`) split over `mesh`'s data axis and replicated over its other
+    axes; unchanged without a mesh."""
+    if mesh is None:
+        return dict(arrays)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec(*([None] * axis), DATA))
+    return {k: jax.device_put(v, sharding) for k, v in arrays.items()}
+
+
+def check_rows(what: str, n: int, mesh: Any) -> None:
+    """A bucketed batch of `n` rows must split evenly over the data axis (packed rows are padded)."""
+    d = data_size(mesh)
+    if n % d:
+        raise ValueError(f"{what}={n} is not a multiple of the mesh's data axis ({d}): bucketed batches "
+                         "(pack=False) are split evenly over it; choose a multiple, or pack")
+
+
+def rows_for(rows: int, mesh: Any) -> int:
+    """`rows` rounded up to a multiple of the data axis (padded rows are empty)."""
+    d = data_size(mesh)
+    return -(-rows // d) * d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +242,10 @@ class PairPacking:
                                    score_from_bad=pick(task.score_from_bad)):
             yield _pad_rows(b, self.rows)
 
+    def for_mesh(self, mesh: Any) -> "PairPacking":
+        """This shape with its rows padded to a multiple of `mesh`'s data axis."""
+        return dataclasses.replace(self, rows=rows_for(self.rows, mesh))
+
 
 def _pad_rows(b: PackedPairBatch, rows: int) -> dict[str, np.ndarray]:
     """Device arrays of a packed batch, padded with empty rows to `rows` (one shape for the run)."""
@@ -339,7 +381,8 @@ def stack(trees: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
 def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: Sequence[EncodedPairs],
                masks: Sequence[Mapping[str, np.ndarray] | None], spec: TuneSpec, *,
                length: int | None = None, max_len: int | None = None,
-               step: Any = None, progress: Callable[[int], None] | None = None) -> Iterator[TunedGroup]:
+               step: Any = None, progress: Callable[[int], None] | None = None,
+               mesh: Any = None) -> Iterator[TunedGroup]:
     """Tunes every task from `params` (each on its own training pairs, with its own mask: a
     {name: bool} over `selected`, or None = all selected parameters), `spec.task_batch` at a time.
 
@@ -351,7 +394,8 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
     Batches: with `spec.pack` each step's pairs are packed into rows of one shape shared by every
     task and step (`step_packing`); otherwise good and bad sentences are padded to `length`
     (default `train_length`). Both take the same pairs at each step. `step` (default: made from
-    `spec`) must be made for the same `spec.pack`.
+    `spec`) must be made for the same `spec.pack`. With `mesh`, each step's rows are split over its
+    data axis (module docstring).
 
     Raises:
       ValueError: a task with an empty training split (named), a sentence longer than `max_len`,
@@ -371,8 +415,9 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
     if too_long:
         raise ValueError(f"task(s) {too_long}: a sentence is longer than max_len={max_len}")
     if spec.pack:
-        packing = step_packing(tasks, spec)
+        packing = step_packing(tasks, spec).for_mesh(mesh)
     else:
+        check_rows("batch_size", spec.batch_size, mesh)
         length = length or train_length(tasks, max_len)
     g_size = spec.task_batch
     for lo in range(0, len(tasks), g_size):
@@ -394,7 +439,8 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
         losses = np.full((g_size, spec.steps), np.nan)
         failed: dict[str, str] = {}
         for s in range(spec.steps):
-            tr, state, loss = step(tr, state, mask, frozen, *({f: v[:, s] for f, v in b.items()} for b in batches))
+            tr, state, loss = step(tr, state, mask, frozen,
+                                   *(on_rows({f: v[:, s] for f, v in b.items()}, mesh, axis=1) for b in batches))
             losses[:, s] = np.asarray(loss)
             for g in range(real):
                 uid = tasks[group[g]].uid
@@ -432,11 +478,21 @@ def make_group_scorer(apply_fn: ApplyFn) -> Callable[..., jax.Array]:
 
 def score_models(scorer: Callable[..., jax.Array], trainable_g: Mapping[str, jax.Array],
                  frozen: Mapping[str, jax.Array], seqs: Sequence[np.ndarray], score_from: Sequence[int], *,
-                 batch_size: int = 16, max_len: int | None = None, pack: bool = True) -> np.ndarray:
+                 batch_size: int = 16, max_len: int | None = None, pack: bool = True,
+                 mesh: Any = None) -> np.ndarray:
     """float64 [G, N]: log-prob of every sequence under each of G stacked models.
 
     `pack`: sentences back to back in rows of one shape (`lmgrad.tasks.iter_packed`, `batch_size` × 32
-    tokens per batch); otherwise `batch_size` right-padded sentences per batch in length buckets."""
+    tokens per batch); otherwise `batch_size` right-padded sentences per batch in length buckets.
+    `mesh`: rows split over its data axis (module docstring)."""
+
+    def score(b: Any) -> np.ndarray:
+        n = b.input_ids.shape[0]
+        pad = ((0, rows_for(n, mesh) - n), (0, 0))    # empty rows, so that the rows split evenly
+        rows = on_rows({"ids": np.pad(b.input_ids, pad, constant_values=PAD_ID),
+                        "attn": np.pad(b.attention_mask, pad), "tgt": np.pad(b.target_mask, pad)}, mesh)
+        return np.asarray(scorer(trainable_g, frozen, rows["ids"], rows["attn"], rows["tgt"]), np.float64)[:, :n]
+
     g = jax.tree.leaves(trainable_g)[0].shape[0]
     out = np.full((g, len(seqs)), np.nan)
     if not len(seqs):
@@ -445,13 +501,13 @@ def score_models(scorer: Callable[..., jax.Array], trainable_g: Mapping[str, jax
         row_len = packed_row_length([len(s) for s in seqs], max_len=max_len)
         out[:] = 0.0
         for b in iter_packed(seqs, rows=max(1, batch_size * 32 // row_len), row_len=row_len, score_from=score_from):
-            lp = np.asarray(scorer(trainable_g, frozen, b.input_ids, b.attention_mask, b.target_mask), np.float64)
+            lp = score(b)
             held = b.owner >= 0
             for m in range(g):
                 np.add.at(out[m], b.owner[held], lp[m][held])
         return out
     for b in iter_bucketed(seqs, batch_size=batch_size, score_from=score_from, max_len=max_len):
-        lp = np.asarray(scorer(trainable_g, frozen, b.input_ids, b.attention_mask, b.target_mask), np.float64)
+        lp = score(b)
         out[:, b.index[b.valid]] = lp.sum(axis=-1)[:, b.valid]
     return out
 
@@ -497,10 +553,11 @@ class Evaluation:
 
 
 def evaluate(scorer: Callable[..., jax.Array], trainable_g: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array],
-             ev: EvalSet, *, batch_size: int = 16, max_len: int | None = None, pack: bool = True) -> Evaluation:
+             ev: EvalSet, *, batch_size: int = 16, max_len: int | None = None, pack: bool = True,
+             mesh: Any = None) -> Evaluation:
     """Scores the G models on the held-out pairs of every task and on the neutral text (`score_models`)."""
     lp = score_models(scorer, trainable_g, frozen, ev.seqs, ev.score_from, batch_size=batch_size, max_len=max_len,
-                      pack=pack)
+                      pack=pack, mesh=mesh)
     margins = [lp[:, g] - lp[:, b] for g, b in zip(ev.good_index, ev.bad_index)]
     acc = np.stack([(m > 0).mean(axis=1) for m in margins], axis=1)
     mar = np.stack([m.mean(axis=1) for m in margins], axis=1)
