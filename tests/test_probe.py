@@ -67,41 +67,60 @@ def test_probe_on_a_device_mesh_equals_one_device(ckpt, tmp_path, monkeypatch):
     batch the job computed on (gradients, tuning steps, evaluation) was split over the data axis."""
     from lmgrad.transfer import predict, tune
 
-    split = []
+    split: dict[tuple[str, int], set[int]] = {}   # (caller, row axis) → ways each batch was split
 
-    def recording(arrays, mesh, axis=0):
-        out = real(arrays, mesh, axis)
-        for v in out.values():
-            split.append((axis, v.shape[axis] // v.sharding.shard_shape(v.shape)[axis]))
-        return out
+    def recording(who, real):
+        def on_rows(arrays, mesh, axis=0):
+            out = real(arrays, mesh, axis)
+            for v in out.values():
+                split.setdefault((who, axis), set()).add(v.shape[axis] // v.sharding.shard_shape(v.shape)[axis])
+            return out
+        return on_rows
 
-    real = tune.on_rows
-    monkeypatch.setattr(tune, "on_rows", recording)
-    monkeypatch.setattr(predict, "on_rows", recording)
+    monkeypatch.setattr(tune, "on_rows", recording("tune", tune.on_rows))
+    monkeypatch.setattr(predict, "on_rows", recording("predict", tune.on_rows))
     inputs, probe = smoke_options(ckpt)
     probe = dataclasses.replace(probe, n_perm=20)
     model = load_model(str(ckpt))
     out = {}
-    for mesh in ("data:1,fsdp:1", "data:4", "data:2,fsdp:2"):
+    for mesh, ways in (("data:1,fsdp:1", 1), ("data:4", 4), ("data:2,fsdp:2", 2)):
+        split.clear()
         job.run(dataclasses.replace(inputs, mesh=mesh), probe, tmp_path / mesh, model=model, progress=False)
         out[mesh] = np.load(tmp_path / mesh / "transfer.npz")
-    assert {a for a, _ in split} == {0, 1} and {n for _, n in split} == {1, 2, 4}   # steps on axis 1
-    ref = out["data:1,fsdp:1"]
+        # Task gradients (predict), evaluation (tune, rows on axis 0), tuning steps (tune, axis 1):
+        # every batch of each split as many ways as the data axis.
+        assert split == {("predict", 0): {ways}, ("tune", 0): {ways}, ("tune", 1): {ways}}, (mesh, split)
     for mesh in ("data:4", "data:2,fsdp:2"):
-        stats = json.loads((tmp_path / mesh / "stats.json").read_text())
-        assert stats["inputs"]["mesh"] == mesh and stats["summary"]["failed"] == {}
-        for k in ref.files:
-            if ref[k].dtype.kind == "f":   # margins are differences of log-probs of ~30 nats: 1e-5 of it
-                scale = max(float(np.nanmax(np.abs(ref[k]))), 1.0)
-                np.testing.assert_allclose(out[mesh][k], ref[k], rtol=0, atol=5e-4 * scale, err_msg=f"{mesh} {k}")
-            else:
-                np.testing.assert_array_equal(out[mesh][k], ref[k], err_msg=f"{mesh} {k}")
+        _assert_same_job(tmp_path / mesh, out[mesh], out["data:1,fsdp:1"])
+
+
+def _assert_same_job(workdir, got, ref):
+    stats = json.loads((workdir / "stats.json").read_text())
+    assert stats["inputs"]["mesh"] == workdir.name and stats["summary"]["failed"] == {}
+    for k in ref.files:
+        if ref[k].dtype.kind == "f":   # margins are differences of log-probs of ~30 nats: 1e-5 of it
+            scale = max(float(np.nanmax(np.abs(ref[k]))), 1.0)
+            np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=5e-4 * scale, err_msg=f"{workdir.name} {k}")
+        else:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{workdir.name} {k}")
+
+
+def test_bucketed_probe_on_a_device_mesh_equals_one_device(ckpt, tmp_path):
+    inputs, probe = smoke_options(ckpt)
+    probe = dataclasses.replace(probe, n_perm=20, pack=False, batch_size=4, eval_batch_size=4,
+                                compare_unmasked=False)
+    model = load_model(str(ckpt))
+    out = {}
+    for mesh in ("data:1,fsdp:1", "data:4"):
+        job.run(dataclasses.replace(inputs, mesh=mesh), probe, tmp_path / mesh, model=model, progress=False)
+        out[mesh] = np.load(tmp_path / mesh / "transfer.npz")
+    _assert_same_job(tmp_path / "data:4", out["data:4"], out["data:1,fsdp:1"])
 
 
 def test_bucketed_probe_needs_batches_that_split_over_the_mesh(ckpt, tmp_path):
     inputs, probe = smoke_options(ckpt)
     probe = dataclasses.replace(probe, pack=False, batch_size=6)
-    with pytest.raises(ValueError, match=r"--batch_size=6 is not a multiple of the mesh's data axis \(4\)"):
+    with pytest.raises(ValueError, match=r"--batch_size=6 is not a multiple of the mesh's data axis \(4; --mesh"):
         job.run(dataclasses.replace(inputs, mesh="data:4"), probe, tmp_path, model=load_model(str(ckpt)),
                 progress=False)
 

@@ -326,3 +326,18 @@ def test_config_variants(tmp_path):
         sweep.select_steps(steps, "0,3")
     with pytest.raises(ValueError, match="series_steps"):
         sweep.SweepOptions(series_steps="log:x")
+
+
+def test_probe_batches_the_mesh_cannot_split_are_refused_before_any_run(series, jax_cache, tmp_path):
+    opts = _smoke(series, jax_cache)
+    opts = dataclasses.replace(opts, probe=True, probe_options=dataclasses.replace(
+        opts.probe_options, pack=False, batch_size=6))
+    opts = dataclasses.replace(opts, pipeline=dataclasses.replace(
+        opts.pipeline, inputs=dataclasses.replace(opts.pipeline.inputs, mesh="data:4")))
+
+    def never(*a, **k):
+        raise AssertionError("a run started")
+
+    with pytest.raises(ValueError, match=r"--batch_size=6 is not a multiple of the mesh's data axis \(4"):
+        sweep.run(opts, tmp_path / "sweep", progress=False, run_pipeline=never)
+    assert not (tmp_path / "sweep" / "runs").exists()

@@ -197,6 +197,17 @@ def _tune_and_eval(apply_fn, params, selected, train, masks, spec, ev, scorer, f
 
 
 # ----------------------------------------------------------------------------------- the stage
+def check_mesh(inputs: InputOptions, options: ProbeOptions) -> Any:
+    """The probe's mesh (`inputs.mesh`), once its batches are known to split over the data axis:
+    packed rows are padded to, bucketed batch sizes must be, a multiple of it (a ValueError names
+    the flag). Callers that run the probe later (a sweep) check before any work."""
+    mesh = inputs.make_mesh()
+    if not options.pack:
+        ttune.check_rows("--batch_size", options.batch_size, mesh)
+        ttune.check_rows("--eval_batch_size", options.eval_batch_size, mesh)
+    return mesh
+
+
 def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike, *,
         model: LoadedModel | None = None, tasks: Sequence[Task] | None = None, progress: bool = True,
         target: str | None = None) -> dict[str, Any]:
@@ -205,7 +216,8 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
 
     Every batch (task gradients, tuning steps, evaluation) is split over the data axis of the mesh
     `inputs.mesh` names (default: every local device on data), and the parameters are placed by the
-    sharding rules (replicated, or sharded over fsdp); a given `model` is placed there too."""
+    sharding rules (replicated, or sharded over fsdp). A given `model` is placed there too: a copy
+    when it lives elsewhere (the caller's stays allocated while the probe runs)."""
     t_start = time.perf_counter()
     opts = options
     workdir = pathlib.Path(workdir)
@@ -216,10 +228,7 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
     uids = [t.uid for t in tasks]
     if target is not None and target not in uids:
         raise ValueError(f"--target={target!r} is not among the selected tasks {uids}")
-    mesh = inputs.make_mesh()
-    if not opts.pack:   # packed rows are padded to split evenly; bucketed batches must already
-        ttune.check_rows("--batch_size", opts.batch_size, mesh)
-        ttune.check_rows("--eval_batch_size", opts.eval_batch_size, mesh)
+    mesh = check_mesh(inputs, opts)
     model = inputs.load_model(mesh) if model is None else model
     model = dataclasses.replace(model, params=place(model.params, mesh))
     if model.tokenizer is None:

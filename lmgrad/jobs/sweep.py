@@ -338,6 +338,10 @@ def _run(o: SweepOptions, work: pathlib.Path, cache: str | None, progress: bool,
     from lmgrad.analysis import cross_run
 
     runs = o.expand()
+    if o.probe and runs:   # refuse a probe batching the mesh cannot split before any run starts
+        from lmgrad.jobs import probe as probe_job
+
+        probe_job.check_mesh(o.run_options(runs[0]).inputs, o.probe_options)
     record: dict[str, Any] = {"options": _plain(dataclasses.asdict(o)), "compile_cache": cache,
                               "runs": {}, "timings_s": {}}
     pool = ModelPool()

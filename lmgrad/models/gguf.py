@@ -295,6 +295,7 @@ def gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     """The transformers config of a GGUF file, from its metadata alone (no tensor is dequantised).
 
     Raises:
+      FileNotFoundError: no such file.
       ValueError: not a GGUF file, or an architecture not in `ARCHITECTURES` (the file named).
     """
     path = pathlib.Path(path).expanduser().resolve()

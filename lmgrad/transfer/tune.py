@@ -67,12 +67,13 @@ def check_rows(what: str, n: int, mesh: Any) -> None:
     """A bucketed batch of `n` rows must split evenly over the data axis (packed rows are padded)."""
     d = data_size(mesh)
     if n % d:
-        raise ValueError(f"{what}={n} is not a multiple of the mesh's data axis ({d}): bucketed batches "
-                         "(pack=False) are split evenly over it; choose a multiple, or pack")
+        raise ValueError(f"{what}={n} is not a multiple of the mesh's data axis ({d}; --mesh, default every "
+                         "local device on data): bucketed batches (pack=False) are split evenly over it; "
+                         "choose a multiple, or pack")
 
 
 def rows_for(rows: int, mesh: Any) -> int:
-    """`rows` rounded up to a multiple of the data axis (padded rows are empty)."""
+    """`rows` rounded up to a multiple of the data axis."""
     d = data_size(mesh)
     return -(-rows // d) * d
 
@@ -243,7 +244,8 @@ class PairPacking:
             yield _pad_rows(b, self.rows)
 
     def for_mesh(self, mesh: Any) -> "PairPacking":
-        """This shape with its rows padded to a multiple of `mesh`'s data axis."""
+        """This shape with its rows per batch rounded up to a multiple of `mesh`'s data axis (the
+        packer fills them, or leaves the last batch's extra rows empty)."""
         return dataclasses.replace(self, rows=rows_for(self.rows, mesh))
 
 
