@@ -134,3 +134,45 @@ def test_launcher_refuses_bad_input(ckpt, tmp_path, capsys):
         run_launcher("probe", base + ["--max_pairs_per_task=3", "--held_out=4"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "too few for a held-out split" in err and "passive_1" in err
+
+
+def test_killed_probe_resumes_to_the_same_outputs(ckpt, tmp_path, monkeypatch):
+    """A run killed mid-tuning resumes from WORKDIR/progress/: finished task gradients, the evaluation
+    before tuning and finished groups are loaded, not recomputed, and the outputs equal an
+    uninterrupted run's; a rerun with other settings is refused while the unfinished run is there."""
+    inputs, probe = smoke_options(ckpt)
+    probe = dataclasses.replace(probe, n_perm=20)
+    model = load_model(str(ckpt))
+    job.run(inputs, probe, tmp_path / "whole", model=model, progress=False)
+    assert not (tmp_path / "whole" / "progress").exists()
+
+    real_evaluate, real_gradient = job.ttune.evaluate, job.tpred.task_gradient
+    evaluations, gradients = [], []
+
+    def killed_at_third_evaluation(*a, **k):   # before, then tuned groups: dies in the tuning phases
+        evaluations.append(1)
+        if len(evaluations) == 3:
+            raise RuntimeError("killed")
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(job.ttune, "evaluate", killed_at_third_evaluation)
+    with pytest.raises(RuntimeError, match="killed"):
+        job.run(inputs, probe, tmp_path / "resumed", model=model, progress=False)
+    assert (tmp_path / "resumed" / "progress" / "before.npz").is_file()
+    monkeypatch.setattr(job.ttune, "evaluate", real_evaluate)
+    with pytest.raises(job.ProbeResumeError, match=r"options\.top_p"):
+        job.run(inputs, dataclasses.replace(probe, top_p=0.1), tmp_path / "resumed", model=model, progress=False)
+
+    monkeypatch.setattr(job.tpred, "task_gradient", lambda *a, **k: gradients.append(1) or real_gradient(*a, **k))
+    res = job.run(inputs, probe, tmp_path / "resumed", model=model, progress=False)
+    assert gradients == []
+    assert res["resumed"]["gradients"] == 4 and res["resumed"]["before"] == 1
+    assert sum(v for s, v in res["resumed"].items() if s not in ("gradients", "before")) == 1   # one group
+    assert not (tmp_path / "resumed" / "progress").exists()
+    whole, resumed = np.load(tmp_path / "whole" / "transfer.npz"), np.load(tmp_path / "resumed" / "transfer.npz")
+    assert sorted(whole.files) == sorted(resumed.files)
+    for k in whole.files:
+        if whole[k].dtype.kind == "f":
+            np.testing.assert_allclose(resumed[k], whole[k], rtol=1e-6, atol=1e-7, err_msg=k)
+        else:
+            np.testing.assert_array_equal(resumed[k], whole[k], err_msg=k)

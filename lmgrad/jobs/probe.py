@@ -13,12 +13,20 @@ tuning without the mask (FTGD vs plain fine-tuning), one-step SGD transfer at sm
 against the first-order prediction η⟨h_j, M_i ⊙ ∇L_i⟩, the overlap of the top-p masks, the
 hypothesis test with surface controls, and how well gradient alignment and mask overlap rank
 auxiliary tasks. Outputs: transfer.npz, stats.json, figures, report.md.
+
+A killed run resumes: each finished part (a task's gradients and mask, the evaluation before tuning,
+each tuned group's evaluation) is written atomically under WORKDIR/progress/ as it completes, and a
+rerun with the same workdir loads them instead of recomputing (`Progress`); a rerun with other
+options, inputs, model or tasks is refused by field. The directory is removed once the outputs are
+written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 import os
 import pathlib
 import time
@@ -29,7 +37,7 @@ import numpy as np
 from lmgrad import io as lio
 from lmgrad import provenance
 from lmgrad.jobs.inputs import InputOptions
-from lmgrad.jobs.schema import check_choices, nested, option, to_dict
+from lmgrad.jobs.schema import check_choices, differences, nested, option, to_dict
 from lmgrad.models.loading import LoadedModel, logits_fn
 from lmgrad.params import flatten, select as select_params, split as split_params
 from lmgrad.sharding import place
@@ -164,10 +172,64 @@ def _save_tuned(root: pathlib.Path, uid: str, trainable: dict[str, Any]) -> None
     ckpt.wait_until_finished()
 
 
+class ProbeResumeError(ValueError):
+    """The workdir holds an unfinished probe run made with other settings."""
+
+
+class Progress:
+    """The finished parts of one probe run, WORKDIR/progress/<part>.npz, each written atomically
+    once complete; `key` (options, inputs, model provenance, tasks) is recorded at the first start
+    and must match on a resume."""
+
+    def __init__(self, root: pathlib.Path, key: dict[str, Any]):
+        from lmgrad.analysis.stats import jsonable
+
+        self.root = root
+        key = json.loads(json.dumps(jsonable(key), default=str))
+        record = root / "run.json"
+        if record.exists():
+            diffs = differences(json.loads(record.read_text()), key, got_name="this run",
+                                want_name="unfinished run")
+            if diffs:
+                raise ProbeResumeError(f"{root}: an unfinished probe run with other settings is here "
+                                       f"({'; '.join(diffs[:6])}); use another --workdir, or delete {root} "
+                                       "to start over")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            lio.write_json(record, key)
+        self.loaded: dict[str, int] = {}
+
+    def load(self, part: str) -> dict[str, np.ndarray] | None:
+        path = self.root / f"{part}.npz"
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+        stage = part.split("/")[0]
+        self.loaded[stage] = self.loaded.get(stage, 0) + 1
+        return out
+
+    def save(self, part: str, **arrays: Any) -> None:
+        path = self.root / f"{part}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lio.write_npz(path, **arrays)
+
+    def groups(self, phase: str) -> dict[int, dict[str, np.ndarray]]:
+        """The saved evaluations of `phase`'s tuned groups, by group index."""
+        d = self.root / phase
+        found = sorted(d.glob("group_*.npz")) if d.is_dir() else []
+        return {int(f.stem.split("_")[1]): self.load(f"{phase}/{f.stem}") for f in found}
+
+    def finish(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 def _tune_and_eval(apply_fn, params, selected, train, masks, spec, ev, scorer, frozen, opts, *,
                    save_dir: pathlib.Path | None = None, desc: str = "", progress: bool = True,
-                   step: Any = None, mesh: Any = None) -> dict[str, Any]:
-    """Tunes every task and evaluates each tuned model on `ev`; rows in task order (NaN: failed)."""
+                   step: Any = None, mesh: Any = None, state: Progress | None = None,
+                   phase: str = "") -> dict[str, Any]:
+    """Tunes every task and evaluates each tuned model on `ev`; rows in task order (NaN: failed).
+    Groups saved under `state`'s `phase` are loaded, not tuned again; each new one is saved."""
     from tqdm import tqdm
 
     t = len(train)
@@ -178,20 +240,34 @@ def _tune_and_eval(apply_fn, params, selected, train, masks, spec, ev, scorer, f
     losses = np.full((t, spec.steps), np.nan)
     failed: dict[str, str] = {}
     index = {e.uid: i for i, e in enumerate(train)}
+
+    def fill(uids, a, m, p, ls) -> None:
+        for r, uid in enumerate(uids):
+            i = index[str(uid)]
+            acc[i], mar[i], ppl[i], losses[i] = a[r], m[r], p[r], ls[r]
+
+    done = state.groups(phase) if state is not None else {}
+    for saved in done.values():
+        fill(saved["uids"], saved["accuracy"], saved["margin"], saved["perplexity"], saved["losses"])
+        failed.update(json.loads(str(saved["failed"])))
     t0 = time.perf_counter()
     with tqdm(total=t, unit="task", desc=desc, disable=not progress) as bar:
         for group in ttune.tune_tasks(apply_fn, params, selected, train, masks, spec, progress=bar.update,
-                                         step=step, mesh=mesh):
+                                         step=step, mesh=mesh, skip=set(done)):
             failed.update(group.failed)
-            if not group.uids:
-                continue
-            e = ttune.evaluate(scorer, group.trainable, frozen, ev, batch_size=opts.eval_batch_size, pack=opts.pack,
-                               mesh=mesh)
-            for r, uid in enumerate(group.uids):
-                i = index[uid]
-                acc[i], mar[i], ppl[i], losses[i] = e.accuracy[r], e.margin[r], e.perplexity[r], group.losses[r]
-                if save_dir is not None:
+            n_eval = len(ev.uids)
+            e = (ttune.evaluate(scorer, group.trainable, frozen, ev, batch_size=opts.eval_batch_size,
+                                pack=opts.pack, mesh=mesh) if group.uids else
+                 ttune.Evaluation(np.zeros((0, n_eval)), np.zeros((0, n_eval)), np.zeros(0)))
+            fill(group.uids, e.accuracy, e.margin, e.perplexity, group.losses)
+            if save_dir is not None:
+                for r, uid in enumerate(group.uids):
                     _save_tuned(save_dir, uid, {n: v[r] for n, v in group.trainable.items()})
+            if state is not None:
+                state.save(f"{phase}/group_{group.index:05d}", uids=np.asarray(group.uids, dtype=str),
+                           accuracy=e.accuracy, margin=e.margin, perplexity=e.perplexity,
+                           losses=np.asarray(group.losses).reshape(len(group.uids), spec.steps),
+                           failed=np.asarray(json.dumps(group.failed)))
     return {"accuracy": acc, "margin": mar, "perplexity": ppl, "losses": losses, "failed": failed,
             "seconds": time.perf_counter() - t0}
 
@@ -263,6 +339,10 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
         from lmgrad.sketch import make_projector
 
         projector = make_projector("sjlt", k, opts.resample_seed)
+    state = Progress(workdir / "progress", {
+        "options": to_dict(opts), "inputs": {f: v for f, v in to_dict(inputs).items() if f != "mesh"},
+        "model": model.provenance, "tasks": uids})
+    order = sorted(shapes)
 
     # Task gradients: masks, first-order vectors.
     t0 = time.perf_counter()
@@ -271,7 +351,21 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
     masks, packed, upd_m, upd_u, tgt, gvec = [], [], [], [], [], []
     gb = dict(batch_size=opts.eval_batch_size, max_len=model.max_length,
               packing=ttune.pair_packing(train + held, opts.eval_batch_size) if opts.pack else None, mesh=mesh)
-    for tr_, he_ in zip(train, held):
+    for i, (tr_, he_) in enumerate(zip(train, held)):
+        saved = state.load(f"gradients/task_{i:05d}")
+        if saved is not None:
+            mask = None
+            if bool(saved["masked"]):
+                bits = np.unpackbits(saved["mask_bits"], count=n_params).astype(bool)
+                mask = dict(zip(order, np.split(bits, np.cumsum([int(np.prod(shapes[n])) for n in order])[:-1])))
+                mask = {n: mask[n].reshape(shapes[n]) for n in order}
+            masks.append(mask)
+            packed.append(tobj.pack_mask(mask if mask is not None else {n: np.ones(s, bool) for n, s in shapes.items()}))
+            upd_m.append(saved["upd_m"])
+            upd_u.append(saved["upd_u"])
+            gvec.append(saved["gvec"])
+            tgt.append(saved["tgt"])
+            continue
         g = tpred.task_gradient(diff_fn, model.params, selected, tr_, **gb)
         if not all(np.isfinite(v).all() for v in g.values()):
             raise FloatingPointError(f"task {tr_.uid!r}: non-finite mean differential on its training pairs")
@@ -283,6 +377,10 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
         tgt.append(tpred.vectorize(tpred.task_gradient(diff_fn, model.params, selected, he_, **gb), projector))
         packed.append(tobj.pack_mask(mask if mask is not None else {n: np.ones(s, bool) for n, s in shapes.items()}))
         masks.append(mask)
+        state.save(f"gradients/task_{i:05d}", uid=np.asarray(tr_.uid), upd_m=upd_m[-1], upd_u=upd_u[-1],
+                   gvec=gvec[-1], tgt=tgt[-1], masked=np.asarray(mask is not None),
+                   mask_bits=np.packbits(np.concatenate([mask[n].ravel() for n in order]) if mask is not None
+                                         else np.zeros(0, bool)))
         del g, gl
     pred_m = tpred.first_order_matrix(upd_m, tgt)
     pred_u = tpred.first_order_matrix(upd_u, tgt)
@@ -293,29 +391,34 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
     scorer = ttune.make_group_scorer(apply_fn)
     trainable0, frozen = split_params(model.params, selected)
     t0 = time.perf_counter()
-    before = ttune.evaluate(scorer, ttune.stack([trainable0]), frozen, ev, batch_size=opts.eval_batch_size,
-                            pack=opts.pack, mesh=mesh)
-    acc0, mar0, ppl0 = before.accuracy[0], before.margin[0], float(before.perplexity[0])
+    saved = state.load("before")
+    if saved is None:
+        before = ttune.evaluate(scorer, ttune.stack([trainable0]), frozen, ev, batch_size=opts.eval_batch_size,
+                                pack=opts.pack, mesh=mesh)
+        saved = dict(accuracy=before.accuracy[0], margin=before.margin[0], perplexity=before.perplexity[0])
+        state.save("before", **saved)
+    acc0, mar0, ppl0 = saved["accuracy"], saved["margin"], float(saved["perplexity"])
     timings["evaluate_before"] = time.perf_counter() - t0
 
     # FTGD.
     save_dir = workdir / "tuned" if opts.save_tuned else None
-    common = dict(ev=ev, scorer=scorer, frozen=frozen, opts=opts, progress=progress, mesh=mesh)
+    common = dict(ev=ev, scorer=scorer, frozen=frozen, opts=opts, progress=progress, mesh=mesh, state=state)
     step = ttune.make_group_step(apply_fn, spec)    # compiled once, shared by FTGD and unmasked tuning
     ftgd = _tune_and_eval(apply_fn, model.params, selected, train, masks, spec, save_dir=save_dir,
-                          desc=f"FTGD (p={opts.top_p})", step=step, **common)
+                          desc=f"FTGD (p={opts.top_p})", step=step, phase="ftgd", **common)
     timings["ftgd"] = ftgd["seconds"]
     unmasked = None
     if opts.compare_unmasked and opts.top_p < 1:
         unmasked = _tune_and_eval(apply_fn, model.params, selected, train, [None] * len(train), spec,
-                                  desc="unmasked", step=step, **common)
+                                  desc="unmasked", step=step, phase="unmasked", **common)
         timings["unmasked"] = unmasked["seconds"]
     one_step = []
     full_batch = ttune.rows_for(max(len(t) for t in train), mesh)   # all pairs; rows split evenly
     for lr in opts.first_order_lrs:
         s1 = opts.tune_spec(optimizer="sgd", learning_rate=lr, steps=1, batch_size=full_batch, schedule="constant",
                             warmup_steps=0)
-        r = _tune_and_eval(apply_fn, model.params, selected, train, masks, s1, desc=f"one step, η={lr:g}", **common)
+        r = _tune_and_eval(apply_fn, model.params, selected, train, masks, s1, desc=f"one step, η={lr:g}",
+                           phase=f"one_step_{lr:g}", **common)
         one_step.append((lr, r))
         timings[f"one_step_{lr:g}"] = r["seconds"]
 
@@ -385,7 +488,9 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
     figures(workdir, uids, T_mar, pred_m, overlap["overall"], one_step_delta)
     lio.write_text(workdir / "report.md", report(result, uids))
     timings["total"] = time.perf_counter() - t_start
+    result["resumed"] = dict(state.loaded)   # parts of an earlier, killed run that were loaded
     lio.write_json(workdir / "stats.json", jsonable(result))
+    state.finish()
     return result
 
 

@@ -108,6 +108,22 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str | None = None
     return cls(**kwargs)
 
 
+def differences(want: Any, got: Any, where: str = "", *, got_name: str = "run", want_name: str = "sweep") -> list[str]:
+    """Dotted field paths where two plain (JSON-like) records differ, each with both values."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        out = []
+        for k in sorted(set(want) | set(got)):
+            w = f"{where}.{k}" if where else k
+            if k not in got:
+                out.append(f"{w} (missing in the {got_name})")
+            elif k not in want:
+                out.append(f"{w} (unknown to the {want_name})")
+            else:
+                out += differences(want[k], got[k], w, got_name=got_name, want_name=want_name)
+        return out
+    return [] if want == got else [f"{where}: {got_name} has {got!r}, {want_name} has {want!r}"]
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """Options as plain nested dicts (tuples kept)."""
     return {f.name: (to_dict(getattr(obj, f.name)) if dataclasses.is_dataclass(getattr(obj, f.name))

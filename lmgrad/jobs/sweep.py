@@ -39,7 +39,7 @@ from lmgrad import io as lio
 from lmgrad.jobs import pipeline as pipeline_job
 from lmgrad.jobs.pipeline import PipelineOptions
 from lmgrad.jobs.probe import ProbeOptions
-from lmgrad.jobs.schema import check_choices, nested, option, to_dict
+from lmgrad.jobs.schema import check_choices, differences, nested, option, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -214,23 +214,8 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _diff(want: Any, got: Any, where: str = "") -> list[str]:
-    if isinstance(want, dict) and isinstance(got, dict):
-        out = []
-        for k in sorted(set(want) | set(got)):
-            w = f"{where}.{k}" if where else k
-            if k not in got:
-                out.append(f"{w} (missing in the run)")
-            elif k not in want:
-                out.append(f"{w} (unknown to the sweep)")
-            else:
-                out += _diff(want[k], got[k], w)
-        return out
-    return [] if want == got else [f"{where}: run has {got!r}, sweep has {want!r}"]
-
-
 def _check_recorded(run: RunSpec, path: pathlib.Path, recorded: Any, expected: Any) -> None:
-    diffs = _diff(expected, _plain(recorded))
+    diffs = differences(expected, _plain(recorded))
     if diffs:
         raise SweepMismatchError(
             f"run {run.name!r} ({path}) was made with other options than this sweep's; differing fields: "
@@ -250,7 +235,7 @@ def architecture(model: Any) -> dict[str, Any]:
 
 def _check_architecture(run: RunSpec, path: pathlib.Path, recorded: dict[str, Any], model: Any) -> None:
     recorded = {k: v for k, v in recorded.items() if k not in EXECUTION_FIELDS}
-    diffs = _diff(recorded, architecture(model))
+    diffs = differences(recorded, architecture(model))
     if diffs:
         raise SweepMismatchError(
             f"run {run.name!r}: checkpoint {run.model} is not the architecture the run was started with "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import zlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Container, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -374,6 +374,7 @@ class TunedGroup:
     trainable: dict[str, jax.Array]
     losses: np.ndarray
     failed: dict[str, str]
+    index: int = 0          # the group's position among `tune_tasks`' groups
 
 
 def stack(trees: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
@@ -384,7 +385,7 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
                masks: Sequence[Mapping[str, np.ndarray] | None], spec: TuneSpec, *,
                length: int | None = None, max_len: int | None = None,
                step: Any = None, progress: Callable[[int], None] | None = None,
-               mesh: Any = None) -> Iterator[TunedGroup]:
+               mesh: Any = None, skip: Container[int] = ()) -> Iterator[TunedGroup]:
     """Tunes every task from `params` (each on its own training pairs, with its own mask: a
     {name: bool} over `selected`, or None = all selected parameters), `spec.task_batch` at a time.
 
@@ -397,7 +398,8 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
     task and step (`step_packing`); otherwise good and bad sentences are padded to `length`
     (default `train_length`). Both take the same pairs at each step. `step` (default: made from
     `spec`) must be made for the same `spec.pack`. With `mesh`, each step's rows are split over its
-    data axis (module docstring).
+    data axis (module docstring). Groups whose index is in `skip` (a resumed run's finished ones) are
+    neither tuned nor yielded; the others are tuned exactly as without it.
 
     Raises:
       ValueError: a task with an empty training split (named), a sentence longer than `max_len`,
@@ -422,9 +424,13 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
         check_rows("batch_size", spec.batch_size, mesh)
         length = length or train_length(tasks, max_len)
     g_size = spec.task_batch
-    for lo in range(0, len(tasks), g_size):
+    for index, lo in enumerate(range(0, len(tasks), g_size)):
         group = list(range(lo, min(lo + g_size, len(tasks))))
         real = len(group)
+        if index in skip:
+            if progress is not None:
+                progress(real)
+            continue
         group += [group[-1]] * (g_size - real)           # pad: one shape for every group
         if spec.pack:
             data = [packed_step_batches(tasks[i], steps=spec.steps, batch_size=spec.batch_size, packing=packing,
@@ -461,7 +467,7 @@ def tune_tasks(apply_fn: ApplyFn, params: Any, selected: Sequence[str], tasks: S
         keep = [g for g in range(real) if tasks[group[g]].uid not in failed]
         sel = jnp.asarray(keep, jnp.int32)
         yield TunedGroup([tasks[group[g]].uid for g in keep], {n: v[sel] for n, v in tr.items()},
-                         losses[keep], failed)
+                         losses[keep], failed, index)
         if progress is not None:
             progress(real)
 
