@@ -351,37 +351,32 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
     masks, packed, upd_m, upd_u, tgt, gvec = [], [], [], [], [], []
     gb = dict(batch_size=opts.eval_batch_size, max_len=model.max_length,
               packing=ttune.pair_packing(train + held, opts.eval_batch_size) if opts.pack else None, mesh=mesh)
+    sizes = np.cumsum([int(np.prod(shapes[n])) for n in order])[:-1]
     for i, (tr_, he_) in enumerate(zip(train, held)):
-        saved = state.load(f"gradients/task_{i:05d}")
-        if saved is not None:
-            mask = None
-            if bool(saved["masked"]):
-                bits = np.unpackbits(saved["mask_bits"], count=n_params).astype(bool)
-                mask = dict(zip(order, np.split(bits, np.cumsum([int(np.prod(shapes[n])) for n in order])[:-1])))
-                mask = {n: mask[n].reshape(shapes[n]) for n in order}
-            masks.append(mask)
-            packed.append(tobj.pack_mask(mask if mask is not None else {n: np.ones(s, bool) for n, s in shapes.items()}))
-            upd_m.append(saved["upd_m"])
-            upd_u.append(saved["upd_u"])
-            gvec.append(saved["gvec"])
-            tgt.append(saved["tgt"])
-            continue
-        g = tpred.task_gradient(diff_fn, model.params, selected, tr_, **gb)
-        if not all(np.isfinite(v).all() for v in g.values()):
-            raise FloatingPointError(f"task {tr_.uid!r}: non-finite mean differential on its training pairs")
-        mask = tobj.top_p_mask(g, opts.top_p) if opts.top_p < 1 else None
-        gl = g if obj_fn is diff_fn else tpred.task_gradient(obj_fn, model.params, selected, tr_, **gb)
-        upd_m.append(tpred.vectorize(gl, projector, mask))
-        upd_u.append(tpred.vectorize(gl, projector))
-        gvec.append(tpred.vectorize(g, projector))
-        tgt.append(tpred.vectorize(tpred.task_gradient(diff_fn, model.params, selected, he_, **gb), projector))
-        packed.append(tobj.pack_mask(mask if mask is not None else {n: np.ones(s, bool) for n, s in shapes.items()}))
+        part = f"gradients/task_{i:05d}"
+        saved = state.load(part)
+        if saved is None:
+            g = tpred.task_gradient(diff_fn, model.params, selected, tr_, **gb)
+            if not all(np.isfinite(v).all() for v in g.values()):
+                raise FloatingPointError(f"task {tr_.uid!r}: non-finite mean differential on its training pairs")
+            mask = tobj.top_p_mask(g, opts.top_p) if opts.top_p < 1 else None
+            gl = g if obj_fn is diff_fn else tpred.task_gradient(obj_fn, model.params, selected, tr_, **gb)
+            held_g = tpred.task_gradient(diff_fn, model.params, selected, he_, **gb)
+            saved = dict(upd_m=tpred.vectorize(gl, projector, mask), upd_u=tpred.vectorize(gl, projector),
+                         gvec=tpred.vectorize(g, projector), tgt=tpred.vectorize(held_g, projector),
+                         masked=np.asarray(mask is not None),   # the mask as bits in sorted-name order
+                         mask_bits=np.packbits(np.concatenate([mask[n].ravel() for n in order])
+                                               if mask is not None else np.zeros(0, bool)))
+            state.save(part, uid=np.asarray(tr_.uid), **saved)
+            del g, gl, held_g, mask
+        mask = None       # a fresh run reads its masks back from the bits too, as a resumed one does
+        if bool(saved["masked"]):
+            bits = np.split(np.unpackbits(saved["mask_bits"], count=n_params).astype(bool), sizes)
+            mask = {n: b.reshape(shapes[n]) for n, b in zip(order, bits)}
         masks.append(mask)
-        state.save(f"gradients/task_{i:05d}", uid=np.asarray(tr_.uid), upd_m=upd_m[-1], upd_u=upd_u[-1],
-                   gvec=gvec[-1], tgt=tgt[-1], masked=np.asarray(mask is not None),
-                   mask_bits=np.packbits(np.concatenate([mask[n].ravel() for n in order]) if mask is not None
-                                         else np.zeros(0, bool)))
-        del g, gl
+        packed.append(tobj.pack_mask(mask if mask is not None else {n: np.ones(s, bool) for n, s in shapes.items()}))
+        for out, name in ((upd_m, "upd_m"), (upd_u, "upd_u"), (gvec, "gvec"), (tgt, "tgt")):
+            out.append(saved[name])
     pred_m = tpred.first_order_matrix(upd_m, tgt)
     pred_u = tpred.first_order_matrix(upd_u, tgt)
     grad_cos = tpred.cosine_matrix(gvec)
