@@ -257,7 +257,7 @@ def _stage_fn(job: str, config: Any, mesh: Any, params: Mapping[str, Any], shard
 
     module = build_module(config)
     data = NamedSharding(mesh, P(sharding.DATA))
-    rows = -(-rows // mesh.shape[sharding.DATA]) * mesh.shape[sharding.DATA]
+    rows = sharding.rows_for(rows, mesh)
     ids = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=data)
     mask = jax.ShapeDtypeStruct((rows, seq_len), jnp.float32, sharding=data)
     abstract = {n: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=shardings[n]) for n, p in params.items()}

@@ -79,6 +79,17 @@ def parse_mesh(spec: str | None, num_devices: int | None = None) -> dict[str, in
     return {DATA: sizes[DATA], FSDP: fsdp}
 
 
+def data_size(mesh: Mesh | None) -> int:
+    """Devices along `mesh`'s data axis (1 without a mesh)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get(DATA, 1))
+
+
+def rows_for(rows: int, mesh: Mesh | None) -> int:
+    """`rows` rounded up to a multiple of the data axis, so a batch splits evenly over it."""
+    d = data_size(mesh)
+    return -(-rows // d) * d
+
+
 def mesh_from_spec(spec: str | None, num_devices: int | None = None) -> Mesh:
     """The (data, fsdp) `Mesh` of a spec string over the first local devices (see `parse_mesh`)."""
     sizes = parse_mesh(spec, num_devices)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import os
 import pathlib
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -40,7 +40,7 @@ from lmgrad.jobs.inputs import InputOptions
 from lmgrad.jobs.schema import check_choices, differences, nested, option, to_dict
 from lmgrad.models.loading import LoadedModel, logits_fn
 from lmgrad.params import flatten, select as select_params, split as split_params
-from lmgrad.sharding import place
+from lmgrad.sharding import place, rows_for
 from lmgrad.tasks import Task, encode
 from lmgrad.transfer import objective as tobj
 from lmgrad.transfer import predict as tpred
@@ -408,7 +408,7 @@ def run(inputs: InputOptions, options: ProbeOptions, workdir: str | os.PathLike,
                                   desc="unmasked", step=step, phase="unmasked", **common)
         timings["unmasked"] = unmasked["seconds"]
     one_step = []
-    full_batch = ttune.rows_for(max(len(t) for t in train), mesh)   # all pairs; rows split evenly
+    full_batch = rows_for(max(len(t) for t in train), mesh)   # all pairs; rows split evenly
     for lr in opts.first_order_lrs:
         s1 = opts.tune_spec(optimizer="sgd", learning_rate=lr, steps=1, batch_size=full_batch, schedule="constant",
                             warmup_steps=0)

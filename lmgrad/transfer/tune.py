@@ -33,7 +33,7 @@ import optax
 
 from lmgrad.grads.differential import pair_loss_diff
 from lmgrad.params import split as split_params, unflatten
-from lmgrad.sharding import DATA
+from lmgrad.sharding import DATA, data_size, rows_for
 from lmgrad.scoring import token_logprobs
 from lmgrad.tasks import (PAD_ID, Pair, PackedPairBatch, degenerate_pairs, encode_pairs, first_fit_rows, iter_bucketed,
                           iter_packed, iter_packed_pairs, make_batch, packed_pair_shape, packed_row_length)
@@ -47,11 +47,6 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 
 # ----------------------------------------------------------------------------------- devices
-def data_size(mesh: Any) -> int:
-    """Devices along `mesh`'s data axis (1 without a mesh)."""
-    return 1 if mesh is None else int(dict(mesh.shape).get(DATA, 1))
-
-
 def on_rows(arrays: Mapping[str, Any], mesh: Any, axis: int = 0) -> dict[str, Any]:
     """`arrays` with their rows (`axis`) split over `mesh`'s data axis and replicated over its other
     axes; unchanged without a mesh."""
@@ -70,12 +65,6 @@ def check_rows(what: str, n: int, mesh: Any) -> None:
         raise ValueError(f"{what}={n} is not a multiple of the mesh's data axis ({d}; --mesh, default every "
                          "local device on data): bucketed batches (pack=False) are split evenly over it; "
                          "choose a multiple, or pack")
-
-
-def rows_for(rows: int, mesh: Any) -> int:
-    """`rows` rounded up to a multiple of the data axis."""
-    d = data_size(mesh)
-    return -(-rows // d) * d
 
 
 @dataclasses.dataclass(frozen=True)
